@@ -108,6 +108,8 @@ class SimpleTokenizer:
                 break
             word = _merge_pair(word, best)
         out = " ".join(word)
+        if len(self.cache) >= 100_000:  # bounded: web captions hold an endless stream of new words
+            self.cache.clear()
         self.cache[token] = out
         return out
 
