@@ -16,13 +16,24 @@ every process, every worker and after every resume, whatever the number of worke
 Item contract. Every dataset yields `(views, target, skipped)`: `views` is what the transform returned
 (a tensor, or a tuple of tensors), `target` is a LongTensor[context] of token ids for image-text data or
 an int class label for image-only data, and `skipped` is how many unreadable samples were passed over
-to produce this one. The default collate turns a batch into `(views, targets, skipped[B])`.
+to produce this one. `collate` turns a batch into `(views, targets, skipped[B])`.
+
+Bad input from the user (a missing path, a CSV without the named columns, ...) raises `UsageError`, whose
+message is one line naming the problem and the fix; the scripts print it as `error: <message>`. A bad
+sample inside good data (a corrupt or missing image, an incomplete tar sample) is never fatal: it is
+skipped with a rate-limited `DataWarning`, counted in `skipped`, and replaced so that batches keep their
+size. Images are decoded by `open_image`, which refuses decompression bombs and truncated files.
 """
+import csv
 import gzip
 import html
+import io
 import math
 import os
 import random
+import tarfile
+import urllib.request
+import warnings
 from functools import lru_cache
 
 import ftfy
@@ -426,6 +437,504 @@ class Shapes(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Errors, warnings and safe image decoding
+# ----------------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A bad input from the user. The message is one line that names the problem (the path, the
+    column, ...) and the fix; the scripts catch it at top level and print `error: <message>`."""
+
+
+class DataWarning(UserWarning):
+    """A bad sample or shard inside otherwise good data: it is skipped, counted and warned about."""
+
+
+MAX_CONSECUTIVE_FAILURES = 100  # a reader gives up (UsageError) after this many unusable samples in a row
+_WARNINGS_ISSUED = 0
+
+
+def _warn_data(message):
+    """Warn about a skipped sample or shard: the first 20 times in this process, then at powers of two,
+    so that a dataset with 1% corrupt images cannot flood the log."""
+    global _WARNINGS_ISSUED
+    _WARNINGS_ISSUED += 1
+    n = _WARNINGS_ISSUED
+    if n <= 20 or n & (n - 1) == 0:
+        note = f" [{n} data warnings so far in this process; rate-limited from now on]" if n >= 20 else ""
+        warnings.warn(message + note, DataWarning, stacklevel=3)
+
+
+def _reason(exc):
+    """`Type: message` of an exception, on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _one_line(exc):
+    """The message of a UsageError, also when a DataLoader worker re-raised it with a traceback
+    ("Caught UsageError in DataLoader worker process 0. Original Traceback ... UsageError: msg")."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else text
+    return last.split("UsageError: ", 1)[1] if "UsageError: " in last else last
+
+
+# Decoders that open_image may use: the formats real image datasets hold. Leaving out the rest keeps
+# untrusted bytes away from rarely used parsers (EPS, for instance, would run Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG's opener also returns MPO (phone) images
+
+
+def open_image(source):
+    """Decode an image from a path or from bytes into a PIL RGB image, safely: an image with more pixels
+    than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) raises before any pixel memory is
+    allocated (PIL only warns between 1x and 2x the limit; that warning is turned into an error here,
+    locally), and the whole image is decoded here, so a truncated file raises here and not later in a
+    transform. Any failure raises; the datasets catch it and skip the sample."""
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    Image.init()  # registers every plugin (once), so that `formats` can name WEBP and TIFF
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(fp, formats=IMAGE_FORMATS) as img:
+            img.load()
+            return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real data: image-text CSV/TSV, WebDataset-layout tar shards, ImageFolder
+# ----------------------------------------------------------------------------------------------------
+
+class _Strings:
+    """A list of str stored as one UTF-8 buffer plus an offset array. Reading entry i touches no Python
+    object per entry, so DataLoader workers forked from the main process keep sharing these pages; a
+    list of millions of str would be copied into every worker, page by page, as refcounts change.
+    Build it with `append`, then call `freeze` once."""
+
+    def __init__(self):
+        self.data, self.ends, self.offsets = bytearray(), [], None
+
+    def append(self, s):
+        self.data += s.encode("utf-8")
+        self.ends.append(len(self.data))
+
+    def freeze(self):
+        self.offsets = np.zeros(len(self.ends) + 1, dtype=np.int64)
+        self.offsets[1:] = self.ends
+        self.data, self.ends = bytes(self.data), None
+        return self
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.data[self.offsets[i]:self.offsets[i + 1]].decode("utf-8")
+
+
+def _split_key(key):
+    """(epoch, index) from a sampler key, or from a bare index (epoch 0)."""
+    return key if isinstance(key, tuple) else (0, key)
+
+
+def _load_or_next(n, index, load, describe, source):
+    """Return (j, load(j), skipped) for the first j in index, index + 1, ... (wrapping) whose load
+    succeeds, so that an unreadable sample is replaced deterministically and a batch keeps its size.
+    Gives up with a UsageError after MAX_CONSECUTIVE_FAILURES failures in a row (or after trying all n)."""
+    first_error = None
+    for k in range(min(n, MAX_CONSECUTIVE_FAILURES)):
+        j = (index + k) % n
+        try:
+            return j, load(j), k
+        except Exception as e:  # a corrupt, missing or unreadable file: skip it
+            reason = f"{describe(j)}: {_reason(e)}"
+            first_error = first_error or reason
+            _warn_data(f"skipping unreadable sample {j} of {source} ({reason})")
+    raise UsageError(f"{min(n, MAX_CONSECUTIVE_FAILURES)} samples in a row of {source} could not be read, "
+                     f"starting at {index} (first: {first_error}); check the paths and the files")
+
+
+class CsvDataset(torch.utils.data.Dataset):
+    """Image-text pairs listed in a CSV/TSV file, open_clip's convention: a header row, the image path in
+    column `img_key` and the caption in `caption_key`, TAB-separated by default. Image paths are
+    relative to the CSV file's folder (absolute paths are used as they are); open_clip resolves them
+    against the working directory instead. Keys are (epoch, index) pairs, as in `Shapes`.
+
+    A corrupt, unreadable or missing image is skipped with a `DataWarning` and replaced by the next row
+    (wrapping); the item's `skipped` says how many rows were passed over."""
+
+    def __init__(self, path, transform, img_key="filepath", caption_key="title", sep="\t",
+                 context_length=CONTEXT_LENGTH, seed=0):
+        self.path, self.transform, self.context_length, self.seed = path, transform, context_length, seed
+        self.root = os.path.dirname(os.path.abspath(path))
+        if not os.path.isfile(path):
+            raise UsageError(f"CSV file {path} does not exist; check --train-data")
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a column
+            rows = csv.reader(f, delimiter=sep)
+            header = next(rows, None)
+            if not header:
+                raise UsageError(f"CSV file {path} is empty; it needs a header row naming the columns "
+                                 f"{img_key!r} and {caption_key!r}")
+            missing = [k for k in (img_key, caption_key) if k not in header]
+            if missing:
+                hint = ""
+                if sep != "," and len(header) == 1 and "," in header[0]:
+                    hint = "; the header holds commas, so try --csv-separator ','"
+                elif sep != "\t" and len(header) == 1 and "\t" in header[0]:
+                    hint = "; the header holds tabs, so try --csv-separator $'\\t'"
+                raise UsageError(f"CSV file {path} has no column {missing[0]!r} (separator {sep!r}; columns "
+                                 f"found: {header}); name the columns with --csv-img-key and --csv-caption-key "
+                                 f"and the separator with --csv-separator{hint}")
+            i_img, i_cap = header.index(img_key), header.index(caption_key)
+            images, captions = _Strings(), _Strings()  # not lists of str: see _Strings
+            try:
+                for row in rows:
+                    if not row:  # a blank line
+                        continue
+                    images.append(row[i_img] if i_img < len(row) else "")
+                    captions.append(row[i_cap] if i_cap < len(row) else "")
+            except (csv.Error, UnicodeDecodeError) as e:  # e.g. a field over csv's 128 KiB limit, or not UTF-8
+                raise UsageError(f"CSV file {path} cannot be read past line {rows.line_num} "
+                                 f"({_reason(e)}); it must be UTF-8 text in the csv format") from None
+        self.images, self.captions = images.freeze(), captions.freeze()
+        if not len(self.images):
+            raise UsageError(f"CSV file {path} has a header but no rows; add image-caption rows")
+        # The most common mistake is paths relative to another folder: catch it now, not in a worker.
+        probe = [os.path.join(self.root, self.images[i]) for i in range(min(len(self.images), 16))]
+        if not any(os.path.isfile(p) for p in probe):
+            raise UsageError(f"none of the first {len(probe)} images listed in {path} exists (first: {probe[0]}); "
+                             f"image paths are read relative to the CSV file's folder {self.root}")
+
+    def __len__(self):
+        return len(self.images)
+
+    def _image_path(self, i):
+        rel = self.images[i]
+        if not rel:
+            raise FileNotFoundError(f"row {i} has an empty {self.path} image path")
+        return os.path.join(self.root, rel)
+
+    def __getitem__(self, key):
+        epoch, index = _split_key(key)
+        j, img, skipped = _load_or_next(len(self), index, lambda i: open_image(self._image_path(i)),
+                                        lambda i: repr(self.images[i]), self.path)
+        rng = sample_rng(self.seed, epoch, index)  # the requested index: a replacement gets its own crop
+        views = self.transform(img, rng) if self.transform else TF.to_tensor(img)
+        return views, tokenize(self.captions[j], self.context_length)[0], skipped
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images in one subfolder per class (ImageNet's layout): labels are the indices of the sorted class
+    folder names (`classes`), images are found recursively and sorted; hidden folders and files are
+    ignored. Keys, skipping and replacement as in `CsvDataset`; items are `(views, label, skipped)`,
+    where the label is that of the image actually returned."""
+
+    def __init__(self, root, transform, seed=0):
+        self.root, self.transform, self.seed = root, transform, seed
+        if not os.path.isdir(root):
+            raise UsageError(f"image folder {root} does not exist or is not a folder")
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not self.classes:
+            raise UsageError(f"image folder {root} has no class subfolders; put the images of each class "
+                             f"in a subfolder of their own (root/<class>/<image>.jpg)")
+        paths, labels = _Strings(), []
+        for label, name in enumerate(self.classes):
+            for folder, dirs, files in os.walk(os.path.join(root, name), followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for f in sorted(files):
+                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                        paths.append(os.path.relpath(os.path.join(folder, f), root))
+                        labels.append(label)
+        if not labels:
+            raise UsageError(f"image folder {root} has {len(self.classes)} class subfolders but no images "
+                             f"({'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) in them")
+        self.paths, self.labels = paths.freeze(), np.asarray(labels, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        epoch, index = _split_key(key)
+        j, img, skipped = _load_or_next(len(self), index, lambda i: open_image(os.path.join(self.root, self.paths[i])),
+                                        lambda i: repr(self.paths[i]), self.root)
+        views = self.transform(img, sample_rng(self.seed, epoch, index)) if self.transform else TF.to_tensor(img)
+        return views, int(self.labels[j]), skipped
+
+
+def _expand_braces(pattern):
+    """Brace expansion as in bash and braceexpand: `{a,b}` alternatives (nestable) and `{0..9}` ranges,
+    optionally with a step `{0..10..2}`, keeping zero padding (`{00000..00331}`), plus letter ranges."""
+    depth, start = 0, -1
+    for i, c in enumerate(pattern):
+        if c == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif c == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                head, body, tail = pattern[:start], pattern[start + 1:i], pattern[i + 1:]
+                choices = _brace_body(body)
+                if choices is None:  # not an expansion: keep "{body}" literally, expand the rest
+                    return [head + "{" + body + "}" + t for t in _expand_braces(tail)]
+                tails = _expand_braces(tail)
+                return [head + c2 + t for c in choices for c2 in _expand_braces(c) for t in tails]
+    return [pattern]
+
+
+def _brace_body(body):
+    """The alternatives inside one pair of braces, or None when the body is not an expansion."""
+    parts, depth, last = [], 0, 0
+    for i, c in enumerate(body):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(body[last:i])
+            last = i + 1
+    if parts:
+        return parts + [body[last:]]
+    m = regex.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", body)
+    if m:
+        a, b = int(m[1]), int(m[2])
+        step = abs(int(m[3] or 1)) or 1
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (m[1], m[2]))
+        width = max(len(m[1]), len(m[2])) if padded else 0
+        values = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+        return [str(v).zfill(width) for v in values]
+    m = regex.fullmatch(r"([a-zA-Z])\.\.([a-zA-Z])", body)
+    if m:
+        a, b = ord(m[1]), ord(m[2])
+        return [chr(v) for v in (range(a, b + 1) if a <= b else range(a, b - 1, -1))]
+    return None
+
+
+def expand_urls(spec):
+    """Shard list from a spec such as `cc3m/{00000..00331}.tar::cc12m/{00000..01242}.tar`: sources joined
+    by `::`, each brace-expanded (ranges keep their zero padding, `{a,b}` lists). A list of specs is
+    expanded item by item. Empty parts are dropped."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = []
+    for s in specs:
+        for part in s.split("::"):
+            if part.strip():
+                urls.extend(_expand_braces(part.strip()))
+    return urls
+
+
+_END_OF_PASS = object()  # marker in a reader's stream: every one of its shards has been read once
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _is_url(path):
+    return path.startswith(("http://", "https://"))
+
+
+def _unsafe_member_name(name):
+    """An absolute name, a drive letter or a `..` component. Nothing is ever extracted, so such a name
+    could do no harm here, but it marks a hostile or broken archive: it is ignored and counted."""
+    n = name.replace("\\", "/")
+    return n.startswith("/") or regex.match(r"[A-Za-z]:", n) is not None or ".." in n.split("/")
+
+
+def _shuffle(stream, size, rng):
+    """A shuffle buffer of `size` samples. Items that are not samples (the str reasons of skipped
+    samples) go straight through; at `_END_OF_PASS` the buffer is emptied in random order, so that each
+    pass over a reader's shards is a permutation of its samples."""
+    buf = []
+    for item in stream:
+        if item is _END_OF_PASS:
+            rng.shuffle(buf)
+            yield from buf
+            buf = []
+        elif isinstance(item, str) or size <= 1:
+            yield item
+        elif len(buf) < size:
+            buf.append(item)
+        else:
+            j = rng.randrange(size)
+            item, buf[j] = buf[j], item
+            yield item
+
+
+class TarShards(torch.utils.data.IterableDataset):
+    """Image-text samples from WebDataset-layout tar shards, as img2dataset writes them (CC3M, CC12M,
+    LAION): consecutive members sharing a key (the name up to the first dot of the basename, directory
+    included) form a sample, which needs an image (jpg, jpeg, png or webp) and a txt caption. `urls` are
+    local paths or http(s) URLs, or a spec for `expand_urls`.
+
+    Shards are read in streaming mode, member by member into memory; nothing is ever extracted.
+    Members with an absolute name or a `..` component and members that are not regular files (links,
+    devices) are ignored and counted in `stats`; incomplete, oversized or undecodable samples are
+    skipped with a `DataWarning` and counted in the next item's `skipped`; a shard that cannot be read
+    is warned about and counted. A reader whose shards all end up yielding nothing raises a UsageError.
+
+    The stream is infinite; the loader sets the length of an epoch (`TrainLoader`, `num_samples`). Every
+    (rank, DataLoader worker) pair is one reader. Without `resampled` a reader cycles through its own
+    shards (shard i goes to reader i mod readers; with fewer shards than readers, readers share shards),
+    in an order reshuffled on every pass, and the shuffle buffer is emptied at the end of each pass, so a
+    pass is a permutation of the reader's samples. With `resampled` every reader draws shards from the
+    whole list with replacement, forever.
+
+    Determinism and resuming: `set_epoch(epoch, skip)` must be called before an iterator is created (the
+    loader does it). A reader's stream (shard order, shuffle buffer, and the transform rng of its n-th
+    sample, `sample_rng` seeded from (seed, skip, reader)) is a function of (seed, epoch, skip, rank,
+    worker). Each epoch starts a fresh stream, so with a `num_samples` that is not one pass, an epoch
+    does not resume where the last one stopped. On a mid-epoch resume the exact position is not
+    restored: the stream is reseeded with (epoch, skip) instead, which is statistically clean (no
+    sample is favoured) but may repeat or leave out samples of that one epoch. With `resampled`, an
+    epoch is simply a number of samples drawn, and a restart is as clean as a fresh epoch."""
+
+    def __init__(self, urls, transform, context_length=CONTEXT_LENGTH, seed=0, shuffle_buffer=1000,
+                 resampled=False, rank=0, world_size=1, max_member_bytes=64 << 20):
+        self.urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise UsageError(f"no tar shards given ({urls!r}); give shards as 'dir/{{00000..00331}}.tar', "
+                             f"several sources joined with '::'")
+        self.transform, self.context_length, self.seed = transform, context_length, seed
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.rank, self.world_size, self.max_member_bytes = rank, world_size, max_member_bytes
+        self.epoch, self.skip = 0, 0
+        # counters of this process (each DataLoader worker has its own copy): shards, bad_shards, samples,
+        # incomplete, corrupt, unsafe_members
+        self.stats = {k: 0 for k in ("shards", "bad_shards", "samples", "incomplete", "corrupt", "unsafe_members")}
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def _open(self, url):
+        if _is_url(url):
+            return urllib.request.urlopen(url, timeout=60)
+        return open(url, "rb")
+
+    def _read_shard(self, url):
+        """Yield the samples of one shard as (key, url, image bytes, text bytes), and for each sample that
+        cannot be used a str saying why."""
+        self.stats["shards"] += 1
+        try:
+            f = self._open(url)
+        except Exception as e:
+            self.stats["bad_shards"] += 1
+            _warn_data(f"cannot open tar shard {url}: {_reason(e)}")
+            return
+        key, group, members = None, {}, 0
+        try:
+            with f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for m in tar:
+                    members += 1
+                    unsafe = _unsafe_member_name(m.name)
+                    if unsafe or not (m.isreg() or m.isdir()):  # links, devices, fifos are never followed
+                        self.stats["unsafe_members"] += 1
+                        why = "absolute name or '..' component" if unsafe else "not a regular file"
+                        _warn_data(f"ignoring tar member {m.name!r} of {url}: {why}")
+                        continue
+                    if m.isdir():
+                        continue
+                    folder, _, base = m.name.rpartition("/")
+                    stem, dot, ext = base.partition(".")
+                    if not stem or not dot:  # no extension, or a hidden file such as "._0001.jpg"
+                        continue
+                    k = f"{folder}/{stem}" if folder else stem
+                    if k != key:
+                        if key is not None:
+                            yield self._sample(url, key, group)
+                        key, group = k, {}
+                    group[ext.lower()] = tar.extractfile(m).read() if m.size <= self.max_member_bytes else None
+        except Exception as e:  # a truncated or corrupt archive: keep what was read, drop the open group
+            self.stats["bad_shards"] += 1
+            _warn_data(f"tar shard {url} is unreadable after {members} members: {_reason(e)}")
+            if key is not None:
+                yield f"sample {key!r} of {url} cut short by the read error"
+            return
+        if key is not None:
+            yield self._sample(url, key, group)
+
+    def _sample(self, url, key, group):
+        image = next((e for e in TAR_IMAGE_EXTENSIONS if e in group), None)
+        if image is None or "txt" not in group:
+            return (f"incomplete sample {key!r} of {url}: it has {sorted(group)}, a sample needs an image "
+                    f"({'/'.join(TAR_IMAGE_EXTENSIONS)}) and a txt")
+        if group[image] is None or group["txt"] is None:
+            return f"sample {key!r} of {url} has a member larger than {self.max_member_bytes} bytes"
+        return key, url, group[image], group["txt"]
+
+    def _own_shards(self, reader, readers):
+        """The shards a reader cycles through without resampling: every readers-th from `reader` on, or
+        one shared shard when there are fewer shards than readers."""
+        return self.urls[reader::readers] if len(self.urls) >= readers else [self.urls[reader % len(self.urls)]]
+
+    def _shard_order(self, reader, readers, rng):
+        """The shards of one reader, forever, with _END_OF_PASS after each pass (without resampling)."""
+        if self.resampled:
+            while True:
+                yield rng.choice(self.urls)
+        mine = self._own_shards(reader, readers)
+        while True:
+            order = list(mine)
+            rng.shuffle(order)
+            yield from order
+            yield _END_OF_PASS
+
+    def _raw_samples(self, reader, readers, rng):
+        """Undecoded samples of one reader; raises once every shard it can draw has been tried since the
+        last sample came out (no sample at all), or after too many unusable samples in a row."""
+        pool = set(self.urls if self.resampled else self._own_shards(reader, readers))
+        fruitless, bad_in_a_row, last_reason = set(), 0, None
+        for url in self._shard_order(reader, readers, rng):
+            if url is _END_OF_PASS:
+                yield url
+                continue
+            produced = 0
+            for item in self._read_shard(url):
+                if isinstance(item, str):
+                    self.stats["incomplete"] += 1
+                    bad_in_a_row, last_reason = bad_in_a_row + 1, item
+                    if bad_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+                        raise UsageError(f"{bad_in_a_row} samples in a row of the tar shards could not be used "
+                                         f"(last: {last_reason})")
+                else:
+                    produced, bad_in_a_row = produced + 1, 0
+                yield item
+            if produced:
+                fruitless.clear()
+            else:
+                fruitless.add(url)
+                if fruitless >= pool:
+                    raise UsageError(
+                        f"reader {reader} (rank {self.rank}) read all of its {len(pool)} tar shards (e.g. {url}) "
+                        f"and found no usable sample (last problem: {last_reason or 'none'}; stats {self.stats}); "
+                        f"each sample needs an image ({'/'.join(TAR_IMAGE_EXTENSIONS)}) and a txt with the same key")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        epoch, skip = self.epoch, self.skip
+        # str seeds are hashed with SHA-512 by random.seed, so this is the same in every process
+        rng = random.Random(f"TarShards/{self.seed}/{epoch}/{skip}/{reader}")
+        stream_seed = (self.seed * 2 ** 40 + skip) * 2 ** 24 + reader  # unique per (seed, skip, reader)
+        pending, corrupt_in_a_row, count = 0, 0, 0
+        for item in _shuffle(self._raw_samples(reader, readers, rng), self.shuffle_buffer, rng):
+            if isinstance(item, str):
+                _warn_data(f"skipping {item}")
+                pending += 1
+                continue
+            key, url, image, text = item
+            try:
+                img = open_image(image)
+            except Exception as e:
+                self.stats["corrupt"] += 1
+                _warn_data(f"skipping undecodable image of sample {key!r} of {url}: {_reason(e)}")
+                pending, corrupt_in_a_row = pending + 1, corrupt_in_a_row + 1
+                if corrupt_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+                    raise UsageError(f"{corrupt_in_a_row} images in a row of the tar shards could not be decoded "
+                                     f"(last: sample {key!r} of {url}: {_reason(e)})")
+                continue
+            rng_i = sample_rng(stream_seed, epoch, count)
+            views = self.transform(img, rng_i) if self.transform else TF.to_tensor(img)
+            caption = text.decode("utf-8", errors="replace")
+            self.stats["samples"] += 1
+            yield views, tokenize(caption, self.context_length)[0], pending
+            pending, corrupt_in_a_row, count = 0, 0, count + 1
+
+
+# ----------------------------------------------------------------------------------------------------
 # Sampling across ranks and workers, resumable mid-epoch
 # ----------------------------------------------------------------------------------------------------
 
@@ -458,22 +967,177 @@ class EpochSampler(torch.utils.data.Sampler):
             yield (self.epoch, i)
 
 
+def _stack(values):
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(values)
+    if isinstance(first, (tuple, list)):
+        return tuple(_stack(v) for v in zip(*values))
+    return torch.tensor(values)
+
+
+def collate(items):
+    """A list of dataset items -> a tuple with one batched entry per field: `(views, targets, skipped[B])`
+    for the item contract. Tensors are stacked (a tuple of views gives a tuple of stacked views) and
+    numbers become a tensor (int labels and `skipped` a LongTensor[B])."""
+    return tuple(_stack(field) for field in zip(*items))
+
+
+class _Batches:
+    """The batches of one epoch: exactly `n` of them. It has a len(), and a UsageError raised in a
+    DataLoader worker comes out with its one-line message instead of the worker's traceback."""
+
+    def __init__(self, loader, n):
+        self.it, self.n, self.done = iter(loader), n, 0
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return self.n - self.done
+
+    def __next__(self):
+        if self.done >= self.n:
+            self.it = None  # lets a non-persistent DataLoader iterator shut its workers down
+            raise StopIteration
+        try:
+            batch = next(self.it)
+        except UsageError as e:
+            raise UsageError(_one_line(e)) from None
+        except StopIteration:
+            raise RuntimeError(f"the data ran out after {self.done} of {self.n} batches") from None
+        self.done += 1
+        return batch
+
+
 class TrainLoader:
     """Batches for one rank. `batches(epoch, skip)` iterates over the batches of `epoch` from batch `skip`
-    on; `steps_per_epoch` is the same on every rank."""
+    on, exactly `steps_per_epoch - skip` of them; `steps_per_epoch` is the same on every rank.
 
-    def __init__(self, dataset, batch_size, rank, world_size, seed, num_workers):
-        self.dataset = dataset
-        self.sampler = EpochSampler(len(dataset), batch_size, rank, world_size, seed)
-        self.steps_per_epoch = self.sampler.steps
+    A map-style dataset (keys (epoch, index)) goes through `EpochSampler`; its workers persist across
+    epochs, since the sampler runs in the main process. A `TarShards` stream needs `num_samples`, which
+    sets steps_per_epoch = num_samples // (batch_size * world_size); its workers are started anew every
+    epoch, after `set_epoch(epoch, skip)`, so that each worker sees the epoch."""
+
+    def __init__(self, dataset, batch_size, rank, world_size, seed, num_workers, num_samples=None):
+        self.dataset, self.batch_size = dataset, batch_size
+        workers = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate,
+                       prefetch_factor=4 if num_workers > 0 else None)
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            if num_samples is None:
+                raise UsageError("tar shards have no length: pass --train-num-samples (the number of samples "
+                                 "in one epoch, e.g. the dataset's size)")
+            if (getattr(dataset, "rank", rank), getattr(dataset, "world_size", world_size)) != (rank, world_size):
+                raise ValueError(f"the dataset was built for rank {dataset.rank} of {dataset.world_size}, "
+                                 f"the loader for rank {rank} of {world_size}")
+            self.sampler = None
+            self.steps_per_epoch = num_samples // (batch_size * world_size)
+            readers = world_size * max(num_workers, 1)
+            if len(getattr(dataset, "urls", ())) < readers:
+                warnings.warn(f"only {len(dataset.urls)} tar shards for {readers} readers ({world_size} ranks x "
+                              f"{max(num_workers, 1)} workers): some readers share shards"
+                              + ("" if dataset.resampled else ", so an epoch repeats their samples; add shards "
+                                 "or draw shards with replacement"), DataWarning)
+            self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, **workers)
+        else:
+            self.sampler = EpochSampler(len(dataset), batch_size, rank, world_size, seed)
+            self.steps_per_epoch = self.sampler.steps
+            self.loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                persistent_workers=num_workers > 0, **workers)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one global batch of "
-                             f"{batch_size * world_size}; lower --batch-size or add data")
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None)
+            n = num_samples if self.sampler is None else len(dataset)
+            raise UsageError(f"the dataset has {n} samples, fewer than one global batch of {batch_size * world_size}; "
+                             f"lower --batch-size or add data")
 
     def batches(self, epoch, skip=0):
-        self.sampler.set_epoch(epoch, skip)
-        return iter(self.loader)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, skip)
+        else:
+            self.dataset.set_epoch(epoch, skip)
+        return _Batches(self.loader, self.steps_per_epoch - skip)
+
+
+IMAGE_TEXT_FORMATS = ("an image-text CSV/TSV file (*.csv, *.tsv) or WebDataset tar shards "
+                      "('dir/{00000..00331}.tar', sources joined by '::')")
+ACCEPTED_FORMATS = IMAGE_TEXT_FORMATS + ", or an ImageFolder directory (root/<class>/<image>) for image-only data"
+
+
+def make_train_loader(source, *, transform, kind, batch_size, rank, world_size, seed, num_workers,
+                      context_length=CONTEXT_LENGTH, csv_img_key="filepath", csv_caption_key="title",
+                      csv_separator="\t", num_samples=None, resampled=False, builtin_length=100_000,
+                      builtin_size=64):
+    """The training loader for `source`: None for the built-in `Shapes`, a *.csv/*.tsv file
+    (`CsvDataset`), tar shards (`TarShards`, which need `num_samples`) or a directory (`ImageFolder`).
+    `kind` is 'image-text' (targets are token ids) or 'image' (targets are class labels)."""
+    if kind not in ("image-text", "image"):
+        raise ValueError(f"kind must be 'image-text' or 'image', not {kind!r}")
+    if source is None:
+        dataset = Shapes("train", length=builtin_length, transform=transform, image_size=builtin_size,
+                         target="text" if kind == "image-text" else "label", context_length=context_length, seed=seed)
+        return TrainLoader(dataset, batch_size, rank, world_size, seed, num_workers)
+    source = str(source)
+    if source.lower().endswith((".csv", ".tsv")):
+        if kind != "image-text":
+            raise UsageError(f"{source} is an image-text CSV, but this script trains on images only; "
+                             f"give an ImageFolder directory (root/<class>/<image>)")
+        dataset = CsvDataset(source, transform, csv_img_key, csv_caption_key, csv_separator, context_length, seed)
+        return TrainLoader(dataset, batch_size, rank, world_size, seed, num_workers)
+    if os.path.isdir(source):
+        if kind != "image":
+            tars = any(name.endswith(".tar") for name in os.listdir(source))
+            example = os.path.join(source, "{00000..00099}.tar")
+            hint = f"; it holds .tar files, so give them as a pattern, e.g. '{example}'" if tars else ""
+            raise UsageError(f"{source} is a directory, which is read as an ImageFolder without captions; this "
+                             f"script needs image-text data: {IMAGE_TEXT_FORMATS}{hint}")
+        return TrainLoader(ImageFolder(source, transform, seed), batch_size, rank, world_size, seed, num_workers)
+    if ".tar" in source:
+        if kind != "image-text":
+            raise UsageError(f"{source} names tar shards of image-text pairs, but this script trains on images "
+                             f"only; give an ImageFolder directory (root/<class>/<image>)")
+        urls = expand_urls(source)
+        if not urls:
+            raise UsageError(f"{source!r} expands to no tar shards; give e.g. 'dir/{{00000..00331}}.tar'")
+        if num_samples is None:
+            raise UsageError(f"tar shards ({source}) have no length: pass --train-num-samples (the number of "
+                             f"samples in one epoch, e.g. the dataset's size)")
+        local = [u for u in urls if not _is_url(u)]
+        missing = [u for u in local if not os.path.isfile(u)]
+        if local and len(missing) == len(local):
+            raise UsageError(f"no tar shard of {source} exists (first: {missing[0]}); check --train-data")
+        if missing:
+            warnings.warn(f"{len(missing)} of {len(urls)} tar shards do not exist (first: {missing[0]}); "
+                          f"they will be skipped", DataWarning)
+        dataset = TarShards(urls, transform, context_length, seed, resampled=resampled, rank=rank,
+                            world_size=world_size)
+        return TrainLoader(dataset, batch_size, rank, world_size, seed, num_workers, num_samples=num_samples)
+    if not os.path.exists(source):
+        raise UsageError(f"training data {source} does not exist; give {ACCEPTED_FORMATS}")
+    raise UsageError(f"cannot read training data {source}: give {ACCEPTED_FORMATS}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: each rank takes a slice of the evaluation set
+# ----------------------------------------------------------------------------------------------------
+
+class ShardSampler(torch.utils.data.Sampler):
+    """The indices range(rank, n, world_size): every sample on exactly one rank, in order. Ranks may get
+    one sample more or less than others, so the evaluation loop must not call collectives per batch;
+    all-reduce the counts once at the end."""
+
+    def __init__(self, n, rank, world_size):
+        self.n, self.rank, self.world = n, rank, world_size
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+
+def eval_loader(dataset, batch_size, rank, world_size, num_workers):
+    """A plain DataLoader over this rank's slice of `dataset` (see `ShardSampler`), in order."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available())
+
