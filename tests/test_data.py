@@ -452,3 +452,20 @@ def test_shard_sampler_and_eval_loader(tmp_path):
             seen += [ident(t) for t in targets]
     assert seen == [0, 2, 4, 6, 1, 3, 5]
 
+
+# ---- zero-shot metadata ----------------------------------------------------------------------------
+
+def test_zero_shot_metadata():
+    assert len(common.IMAGENET_CLASSNAMES) == 1000
+    assert len(common.OPENAI_IMAGENET_TEMPLATES) == 80 and len(common.SIMPLE_IMAGENET_TEMPLATES) == 7
+    assert len(common.CIFAR_TEMPLATES) == 18 and len(set(common.CIFAR_TEMPLATES)) == 18
+    for t in common.OPENAI_IMAGENET_TEMPLATES + common.SIMPLE_IMAGENET_TEMPLATES + common.CIFAR_TEMPLATES:
+        assert t.count("{}") == 1
+    assert set(common.SIMPLE_IMAGENET_TEMPLATES) <= set(common.OPENAI_IMAGENET_TEMPLATES)
+    names = common.IMAGENET_CLASSNAMES
+    assert names[0] == "tench" and names[-1] == "toilet paper" and names.count("missile") == 2
+    assert common.CIFAR_TEMPLATES[0] == "a photo of a {}." and common.CIFAR_TEMPLATES[-1] == "a photo of the big {}."
+    meta = pytest.importorskip("open_clip.zero_shot_metadata")
+    assert names == list(meta.IMAGENET_CLASSNAMES)
+    assert common.OPENAI_IMAGENET_TEMPLATES == [t("{}") for t in meta.OPENAI_IMAGENET_TEMPLATES]
+    assert common.SIMPLE_IMAGENET_TEMPLATES == [t("{}") for t in meta.SIMPLE_IMAGENET_TEMPLATES]
