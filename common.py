@@ -255,7 +255,7 @@ COLOURS = {  # name -> RGB; saturated, so that the muted backgrounds never share
 COLOUR_NAMES = list(COLOURS)
 SHAPE_CLASSNAMES = [f"{c} {s}" for s in SHAPES for c in COLOUR_NAMES]  # class = shape * 8 + colour
 SHAPE_TEMPLATES = ["a photo of a {}.", "a {}.", "an image of a {}.", "there is a {}."]
-SIZES = {"small": (0.16, 0.24), "medium": (0.25, 0.33), "large": (0.34, 0.44)}  # radius / image side
+SIZES = {"small": (0.22, 0.28), "medium": (0.29, 0.36), "large": (0.37, 0.46)}  # radius / image side
 SIZE_WORDS = {"small": ["small", "little", "tiny"], "medium": ["", "medium", "medium-sized"],
               "large": ["large", "big", "huge"]}
 POSITIONS = {  # name -> (x, y) centre as a fraction of the side; 3 x 3 grid
@@ -344,7 +344,7 @@ def render_shapes(seed, index, size=64, max_objects=2):
     img = Image.fromarray(bg)
     mask = Image.new("L", (size, size), 0)
     draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
-    n = 1 if max_objects == 1 or rng.random() < 0.6 else 2
+    n = 1 if max_objects == 1 or rng.random() < 0.75 else 2
     objects = []
     positions = list(POSITIONS)
     for k in range(n):
@@ -1021,8 +1021,10 @@ class TrainLoader:
 
     def __init__(self, dataset, batch_size, rank, world_size, seed, num_workers, num_samples=None):
         self.dataset, self.batch_size = dataset, batch_size
+        # the loader's own generator: starting an iterator must not draw from the global RNG, or a resumed
+        # run's random masks would drift from those of an uninterrupted one
         workers = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate,
-                       prefetch_factor=4 if num_workers > 0 else None)
+                       prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed))
         if isinstance(dataset, torch.utils.data.IterableDataset):
             if num_samples is None:
                 raise UsageError("tar shards have no length: pass --train-num-samples (the number of samples "
