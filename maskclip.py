@@ -102,7 +102,7 @@ MODELS = {
 # ----------------------------------------------------------------------------------------------------
 # The paper's recipe: the defaults whenever --train-data is given (ViT-B/16, YFCC-15M, 25 epochs).
 RECIPE = dict(model="ViT-B/16", batch_size=4096, epochs=25, lr=5e-4, lr_start=1e-6, lr_end=1e-5,
-              warmup_epochs=1.0, wd=0.5, beta1=0.9, beta2=0.98, eps=1e-8, grad_clip=0.0, norm="imagenet",
+              warmup_epochs=1.0, act="quickgelu", wd=0.5, beta1=0.9, beta2=0.98, eps=1e-8, grad_clip=0.0, norm="imagenet",
               crop_scale=0.5, eval_every=1.0, workers=8, quant_k=8192, dec_width=768, dec_heads=12, text_dec_depth=4,
               ema_momentum=0.999)
 # The built-in demo: what runs when --train-data is not given (tiny model, shapes rendered on the fly).
@@ -162,7 +162,7 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, help="data-loading processes per rank")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(MODELS), help="model size")
-    g.add_argument("--act", default="quickgelu", choices=["quickgelu", "gelu"], help="MLP activation")
+    g.add_argument("--act", choices=["quickgelu", "gelu"], help="MLP activation")
     g.add_argument("--context-length", type=int, help="text tokens (default: the model size's)")
     g.add_argument("--norm", choices=list(common.NORMS), help="pixel normalisation constants")
     g.add_argument("--crop-scale", type=float, help="smallest area fraction of the random training crop")
@@ -968,9 +968,15 @@ def save_checkpoint(path, model, teacher, optimizer, scaler, step, args, cfg):
     if not is_main():
         return
     save_atomic({"method": METHOD, "config": cfg, "args": plain(vars(args)), "step": step,
-                 "model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
+                 "model": model.state_dict(), "teacher": teacher.state_dict() if trained(teacher) else None,
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "rng": states, "world_size": dist.get_world_size()}, path)
+
+
+def trained(teacher):
+    """An EMA teacher changes during training and is saved; a frozen one (`frozen = True`, a CLIP loaded
+    from --teacher) is read from its file again on resume."""
+    return teacher is not None and not getattr(teacher, "frozen", False)
 
 
 def plain(obj):
@@ -1213,7 +1219,7 @@ def train(args):
     step = 0
     if ckpt is not None:
         load_strict(model, ckpt["model"], ckpt_path, f"this {METHOD} model")
-        if teacher is not None:
+        if trained(teacher):
             load_strict(teacher, ckpt["teacher"] or {}, ckpt_path, f"this {METHOD} teacher")
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"] is not None:
@@ -1308,7 +1314,7 @@ def train(args):
     if stopping:
         return
     save_checkpoint(ckpt_path, model, teacher, optimizer, scaler, step, args, cfg)
-    exports = export_state_dicts(model.state_dict(), teacher.state_dict() if teacher is not None else None)
+    exports = export_state_dicts(model.state_dict(), teacher.state_dict() if trained(teacher) else None)
     if is_main():
         for name, sd in exports.items():
             export_weights(os.path.join(args.out_dir, f"export_{name}.pt"), sd, cfg, args, name)
