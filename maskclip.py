@@ -1008,11 +1008,15 @@ def read_weights_file(path):
         raise common.UsageError(f"{path} is not a readable checkpoint ({reason}); expected {ACCEPTED}") from None
 
 
+STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                  "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+
+
 class _ScriptObject:
     """Stands in for every TorchScript module class while unpickling: keeps the attributes, runs nothing."""
-
-    def __init__(self, *args):
-        self.state = {}
+    state = {}
 
     def __setstate__(self, state):
         self.state = state if isinstance(state, dict) else {}
@@ -1039,17 +1043,18 @@ def read_torchscript_tensors(path):
                     return _ScriptObject
                 if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
                     return _rebuild_tensor
+                if (module, name) == ("torch._utils", "_rebuild_parameter"):
+                    return lambda data, *unused: data
                 if (module, name) == ("collections", "OrderedDict"):
                     return dict
-                if module == "torch" and name.endswith("Storage"):
-                    return getattr(torch, name)
-                if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
-                    return lambda value, tag: value
+                if module == "torch" and name in STORAGE_DTYPES:
+                    return STORAGE_DTYPES[name]
+                if module == "torch.jit._pickle" and (name == "restore_type_tag" or name.startswith("build_")):
+                    return lambda value, *unused: value  # type tags and list wrappers: plain data
                 raise pickle.UnpicklingError(f"refusing {module}.{name}")
 
-            def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
-                dtype = pid[1].dtype if hasattr(pid[1], "dtype") else pid[1]
-                return storage(pid[2], dtype)
+            def persistent_load(self, pid):  # ('storage', dtype from find_class, key, location, numel)
+                return storage(pid[2], pid[1])
 
         try:
             obj = Unpickler(z.open(data_pkl)).load()
@@ -1058,7 +1063,7 @@ def read_torchscript_tensors(path):
     out = {}
 
     def walk(o, prefix):
-        for k, v in o.state.items():
+        for k, v in (o.state if isinstance(o, _ScriptObject) else {}).items():
             if isinstance(v, torch.Tensor):
                 out[prefix + k] = v
             elif isinstance(v, _ScriptObject):
