@@ -1,5 +1,6 @@
 """eval_zeroshot.py: parity with open_clip (QuickGELU and GELU), each metric on inputs whose answer is known
 by construction, a MaskCLIP checkpoint and its export evaluated end to end, and one-line errors."""
+import importlib
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, run_cli, run_distributed
+from conftest import PRESENT, ROOT, run_cli, run_distributed
 
 import common
 import eval_zeroshot as ez
@@ -301,6 +302,39 @@ def test_zero_shot_equals_the_training_evaluation(run_dir):
     for name in ("online", "ema"):
         assert results[name]["builtin"]["zeroshot_top1"] == pytest.approx(trained[f"{name}/top1"], abs=1e-4)
         assert results[name]["builtin"]["zeroshot_top5"] == pytest.approx(trained[f"{name}/top5"], abs=1e-4)
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_every_script_checkpoint_loads_through_eval_towers(script, tmp_path, world1):
+    """A checkpoint of each method script (untrained tiny model, saved as save_checkpoint saves it) gives
+    towers of the documented interface, with the online and EMA weights where the script has an EMA."""
+    module = importlib.import_module(script)
+    argv = ["--model", "tiny", "--out-dir", str(tmp_path)]
+    if module.DATA_KIND == "image":   # MILAN and MaskDistill learn from a frozen CLIP teacher
+        torch.save(maskclip.CLIP(**dict(maskclip.MODELS["tiny"], act="quickgelu")).state_dict(), tmp_path / "t.pt")
+        argv += ["--teacher", str(tmp_path / "t.pt")]
+    args = module.parse_args(argv)
+    cfg = module.model_config(args)
+    model = module.build_model(cfg, args)
+    teacher = module.build_teacher(model, args)
+    torch.save({"method": module.METHOD, "config": cfg, "args": module.plain(vars(args)), "step": 0,
+                "model": model.state_dict(), "teacher": teacher.state_dict() if module.trained(teacher) else None},
+               tmp_path / "checkpoint.pt")
+    towers, meta = ez.load_towers(str(tmp_path / "checkpoint.pt"))
+    assert meta["source"] == f"{script} checkpoint at step 0" and meta["image_size"] == 32
+    if module.trained(teacher):
+        assert {"online", "ema"} <= set(towers)
+    images = torch.randn(2, 3, 32, 32)
+    for tower in towers.values():
+        tower.eval()
+        with torch.no_grad():
+            if module.DATA_KIND == "image-text":
+                assert all(ez.can(tower, t) for t in ez.TASKS)
+                tokens = common.tokenize(["a red circle", "a blue star"], meta["context_length"])
+                e = tower.encode_image(images).shape[1]
+                assert tower.encode_text(tokens).shape == (2, e) and tower.encode_dense(images).shape == (2, 16, e)
+            else:
+                assert not ez.can(tower, "zeroshot") and ez.feature_fn(tower)(images).shape[0] == 2
 
 
 def evaluate_builtin(rank, world, weights):
