@@ -1,5 +1,7 @@
-"""Evaluate any checkpoint of this project, or OpenAI / open_clip CLIP ViT weights: zero-shot
-classification, image-text retrieval, zero-shot segmentation, k-NN and linear probing on frozen features.
+"""Evaluation of every checkpoint of this project, and of OpenAI / open_clip CLIP ViT weights.
+
+Zero-shot classification, image-text retrieval, zero-shot segmentation, k-NN and linear probing on frozen
+features, with the protocols the papers use.
 
 What it loads (one file; every set of weights in it is reported, e.g. MaskCLIP's online and EMA weights):
   - checkpoint.pt of maskclip.py, aclip.py, silc.py, milan.py or maskdistill.py: the script named in the
@@ -465,7 +467,8 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, lambdas=PROBE_LAMB
     """Top-1 (%) on val of an L2-regularised logistic regression on frozen features, and the chosen L2
     strength λ: features z-scored with the training statistics; loss = mean cross-entropy + λ·‖W‖²
     (bias not regularised), minimised by full-batch L-BFGS; λ chosen on a fixed random 20% of the
-    training features (the fits warm-start from the previous, stronger λ), then refitted on all of them."""
+    training features (the fits warm-start from the previous, stronger λ; a tie keeps the stronger), then
+    refitted on all of them."""
     mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     perm = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(0)).to(train_x.device)
@@ -523,7 +526,6 @@ def run_retrieval(tower, inputs, meta, args, device, desc):
     return retrieval_recall(image_emb, text_emb, torch.tensor(caption_image, device=device))
 
 
-@torch.no_grad()
 def run_segmentation(tower, inputs, meta, args, device, desc):
     dataset, names, backgrounds, templates, batch_size = inputs
     classifier = torch.cat([class_embeddings(tower, prompts, templates, meta, device, f"{desc} {what} embeddings")
@@ -558,8 +560,9 @@ def run_probe_tasks(tower, inputs, tasks, args, device, desc):
 RUNNERS = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "segmentation": run_segmentation}
 
 
+@torch.no_grad()
 def evaluate_tower(name, tower, benches, meta, args, device):
-    """{dataset: {metric: value}} for one tower."""
+    """{dataset: {metric: value}} for one tower (the linear probe turns gradients on for its own fit)."""
     results = {}
     tower = tower.to(device).eval()
     for bench, tasks, _ in benches:
@@ -615,7 +618,7 @@ def parse_args(argv=None):
     g.add_argument("--norm", choices=list(common.NORMS), help="override the pixel normalisation")
     g = p.add_argument_group("system")
     g.add_argument("--batch-size", type=int, default=256, help="images per batch and rank")
-    g.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--out", help="JSON file of all numbers (default: eval_<weights name>.json next to the weights)")
     args = p.parse_args(argv)
