@@ -931,7 +931,7 @@ def train_step(forward, model, teacher, batch, step, total_steps, args, device):
         teacher.update(model, momentum)                                      # θ_ema ← m·θ_ema + (1-m)·θ, first
         ema = to_device(views[2], device)                                    # (B, 3, Se, Se)
         score, target = teacher.score_and_target(ema, score=args.mask == "attentive")
-        metrics["ema_momentum"] = torch.tensor(momentum, device=device)
+        metrics["ema_momentum"] = torch.full((), momentum, device=device)       # a fill, not a host copy
         if args.mask == "attentive":
             ema_grid = ema.shape[-1] // model.visual.patch_size
             keep = attentive_keep(score, ema_grid, boxes, V, grid, block, n_keep, args.attentive_keep == "most")
@@ -1294,6 +1294,7 @@ def openai_state_dict(path):
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
     for extra in ("input_resolution", "context_length", "vocab_size"):      # entries of OpenAI's archives
         sd.pop(extra, None)
+    sd = {k: v for k, v in sd.items() if k.split(".")[-1] != "attn_mask"}   # causal masks saved by TorchScript
     if "visual.conv1.weight" not in sd:
         raise common.UsageError(f"{path} has no CLIP ViT image tower (no visual.conv1.weight); expected {ACCEPTED}")
     return sd, info

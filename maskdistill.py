@@ -1271,6 +1271,7 @@ def openai_state_dict(path):
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
     for extra in ("input_resolution", "context_length", "vocab_size"):      # entries of OpenAI's archives
         sd.pop(extra, None)
+    sd = {k: v for k, v in sd.items() if k.split(".")[-1] != "attn_mask"}   # causal masks saved by TorchScript
     if "visual.conv1.weight" not in sd:
         raise common.UsageError(f"{path} has no CLIP ViT image tower (no visual.conv1.weight); expected {ACCEPTED}")
     return sd, info
