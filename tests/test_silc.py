@@ -1,0 +1,442 @@
+"""SILC: the multi-crop views, both contrastive losses and the DINO loss against naive references (forward and
+gradients; centring and the teacher-temperature schedule included), the EMA teacher, the DINO head, the dense
+features and the segmentation metric, exports and eval_towers, distributed equivalence in two gloo processes,
+and the real CLI (smoke runs of SILC-C and SILC-S, bad input)."""
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli, run_distributed
+
+import common
+import silc
+
+SMALL = ["--n-local", "2", "--out-dim", "16", "--head-hidden", "32", "--head-bottleneck", "8", "--ema-momentum", "0.9"]
+TINY = ["--model", "tiny", "--workers", "0", "--batch-size", "8", "--builtin-samples", "16", "--n-local", "2",
+        "--out-dim", "32", "--head-hidden", "32", "--head-bottleneck", "16", "--log-every", "1", "--eval-every", "0"]
+
+
+def small_model(*extra, seed=0):
+    torch.manual_seed(seed)
+    args = silc.parse_args([*SMALL, *extra])
+    cfg = silc.model_config(args)
+    model = silc.build_model(cfg, args)
+    return model, silc.build_teacher(model, args), args
+
+
+def views(n=4, n_local=2, seed=0):
+    """Random global crops (2n, 3, 32, 32), local crops (n_local·n, 3, 16, 16) and n captions."""
+    g = torch.Generator().manual_seed(seed)
+    texts = common.tokenize([common.render_shapes(seed, i, 32)[1] for i in range(n)], 24)
+    return (torch.randn(2 * n, 3, 32, 32, generator=g), torch.randn(n_local * n, 3, 16, 16, generator=g), texts)
+
+
+# ---------------------------------------------------------------------------------------------- views
+def test_multicrop_counts_shapes_scales_and_determinism(monkeypatch):
+    args = silc.parse_args([])
+    cfg = silc.model_config(args)
+    assert silc.local_crop_size(args, cfg) == 16                     # 32 px tiny model: a 2×2 local grid
+    big = silc.parse_args(["--train-data", "x.csv"])
+    assert silc.local_crop_size(big, silc.model_config(big)) == 96    # DINO's 96 px at 224/16
+    calls = []
+    real = common.crop_box
+    monkeypatch.setattr(common, "crop_box", lambda rng, w, h, scale: calls.append(tuple(scale)) or real(rng, w, h, scale))
+    args.n_local = 8
+    transform = silc.train_transform(args, cfg)
+    img = common.render_shapes(0, 3)[0]
+    out = transform(img, random.Random(5))
+    assert isinstance(out, tuple) and len(out) == 2 + 8
+    assert [tuple(v.shape) for v in out] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 8
+    assert calls == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 8             # demo global scale (0.4, 1), local (0.05, 0.4)
+    again = transform(img, random.Random(5))
+    assert all(torch.equal(a, b) for a, b in zip(out, again))        # the (img, rng) randomness contract
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[2], out[3])
+    # through the built-in dataset and the loader's collate: a tuple of stacked views
+    ds = common.Shapes("train", length=4, transform=transform, context_length=24)
+    batch = common.collate([ds[(0, i)] for i in range(4)])
+    assert len(batch[0]) == 10 and batch[0][0].shape == (4, 3, 32, 32) and batch[0][9].shape == (4, 3, 16, 16)
+    # the ablation views: + one un-augmented image; no local crops when nothing is distilled
+    args.contrastive_on, args.local_photometric = "unaugmented", True
+    out = silc.train_transform(args, cfg)(img, random.Random(1))
+    assert len(out) == 11 and torch.equal(out[-1], common.EvalTransform(32, *common.NORMS[args.norm])(img))
+    args.lambda_sd = 0
+    assert len(silc.train_transform(args, cfg)(img, random.Random(1))) == 3
+
+
+def test_local_crops_run_through_the_interpolated_position_embedding(world1):
+    model, _, _ = small_model()
+    _, local, _ = views()
+    assert model.encode_image(local).shape == (8, 128)
+    # at the global size the interpolation is the identity
+    v = model.visual
+    same = F.interpolate(v.positional_embedding[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(4, 4),
+                         mode="bicubic", align_corners=False)
+    torch.testing.assert_close(same.permute(0, 2, 3, 1).reshape(16, -1), v.positional_embedding[1:])
+    small = v.pos_embed(2, 2)
+    assert small.shape == (5, 128) and torch.equal(small[0], v.positional_embedding[0])
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def naive_sigmoid(img, txt, t, b):
+    """-1/B Σ_i Σ_j log σ(z_ij (t·x_i·y_j + b)), z_ij = 1 if i = j else -1: a double loop."""
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total = total - torch.log(torch.sigmoid(z * (t * img[i] @ txt[j] + b)))
+    return total / n
+
+
+def naive_softmax(img, txt, t):
+    """-1/(2B) Σ_i [log softmax_j(t·x_i·y_j)_i + log softmax_j(t·x_j·y_i)_i]."""
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        total = total - torch.log(torch.exp(t * img[i] @ txt[i]) / sum(torch.exp(t * img[i] @ txt[j]) for j in range(n)))
+        total = total - torch.log(torch.exp(t * img[i] @ txt[i]) / sum(torch.exp(t * img[j] @ txt[i]) for j in range(n)))
+    return total / (2 * n)
+
+
+def embeddings(n=6, dim=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, dim, generator=g), dim=-1), F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_contrastive_losses_match_naive_forward_and_backward(world1, kind):
+    img, txt = (e.requires_grad_() for e in embeddings())
+    t, b = torch.tensor(math.log(10.0), requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    if kind == "softmax":
+        loss = sum(silc.contrastive_loss(img, txt, t)) / 2
+    else:
+        loss = silc.sigmoid_loss(img, txt, t, b)
+    loss.backward()
+    leaves = [x.detach().clone().requires_grad_() for x in (img, txt, t, b)]
+    ref = naive_softmax(*leaves[:2], leaves[2].exp()) if kind == "softmax" else naive_sigmoid(leaves[0], leaves[1], leaves[2].exp(), leaves[3])
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for mine, theirs in zip((img, txt, t) + ((b,) if kind == "sigmoid" else ()), leaves):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_sigmoid_loss_starts_close_to_its_prior(world1):
+    """t = 10, b = -10, orthogonal embeddings: each positive costs softplus(10) ≈ 10, each negative softplus(-10)."""
+    e = torch.eye(8)                                                     # 4 images and 4 texts, all orthogonal
+    loss = silc.sigmoid_loss(e[:4], e[4:], torch.tensor(math.log(10.0)), torch.tensor(-10.0))
+    assert loss.item() == pytest.approx(F.softplus(torch.tensor(10.0)).item() + 3 * F.softplus(torch.tensor(-10.0)).item())
+
+
+@pytest.mark.parametrize("flags", [[], ["--loss", "sigmoid"]])
+def test_contrastive_loss_is_one_BxB_problem_per_global_view(world1, flags):
+    model, _, _ = small_model("--lambda-sd", "0", *flags)
+    g, _, texts = views()
+    _, metrics = model(g, texts)
+    x = F.normalize(model.encode_image(g), dim=-1).view(2, 4, -1)
+    y = F.normalize(model.encode_text(texts), dim=-1)
+    per_view = [model.contrastive(x[v], y) for v in range(2)]
+    torch.testing.assert_close(metrics["loss_con"], (per_view[0] + per_view[1]) / 2)
+    model.contrastive_on = "first_global"
+    torch.testing.assert_close(model(g, texts)[1]["loss_con"], per_view[0])
+
+
+def naive_dino(student, teacher_raw, center, tau_s, tau_t, cross):
+    """A loop over (teacher global g, student view v) pairs and samples; student: list of (B, K) logits, the
+    first two the global views when cross; teacher_raw: 2 × (B, K) raw teacher logits."""
+    total, pairs = 0.0, 0
+    for g in range(2):
+        for v in range(len(student)):
+            if cross and v == g:
+                continue
+            pairs += 1
+            for b in range(student[v].shape[0]):
+                p = torch.softmax((teacher_raw[g][b] - center[0]) / tau_t, dim=-1)
+                total = total - (p * torch.log_softmax(student[v][b] / tau_s, dim=-1)).sum()
+    return total / (pairs * student[0].shape[0])
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_dino_loss_matches_naive_forward_and_backward(cross):
+    g = torch.Generator().manual_seed(3)
+    v = 4 if cross else 3
+    student = torch.randn(v, 5, 7, generator=g, requires_grad=True)
+    raw, center = torch.randn(2, 5, 7, generator=g), torch.randn(1, 7, generator=g)
+    loss = silc.dino_loss(student, silc.teacher_probs(raw, center, 0.05), 0.1, 2 if cross else 0)
+    loss.backward()
+    s2 = student.detach().clone().requires_grad_()
+    ref = naive_dino(list(s2), list(raw), center, 0.1, 0.05, cross)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(student.grad, s2.grad)
+
+
+def test_teacher_targets_centring_and_temperature_schedule_match_naive(world1):
+    model, teacher, args = small_model("--warmup-teacher-temp-steps", "4", "--center-momentum", "0.8")
+    temps = [silc.teacher_temperature(s, 100, args) for s in range(7)]
+    assert temps[:5] == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07]) and temps[6] == 0.07
+    c = torch.zeros(1, 16)
+    for step in (0, 1, 2, 5):
+        g, local, texts = views(seed=step)
+        tau_t = silc.teacher_temperature(step, 100, args)
+        with torch.no_grad():
+            raw = teacher.dino_head(silc.pooled_embedding(teacher, g))       # (2B, K) raw teacher logits
+        probs = teacher.targets(g, tau_t)                                    # (2, B, K), centred with c, then c moves
+        naive = torch.stack([torch.softmax((raw[i] - c[0]) / tau_t, -1) for i in range(8)]).view(2, 4, 16)
+        torch.testing.assert_close(probs, naive)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4))
+        # the model's L_sd on these targets equals the naive loop over the 2 × n_local (teacher, student) pairs
+        loss, metrics = model(g, texts, local, teacher_probs=probs)
+        student = model.dino_head(model.encode_image(local)).view(2, 4, 16)
+        torch.testing.assert_close(metrics["loss_sd"], naive_dino(list(student), list(raw.view(2, 4, 16)), c, 0.1, tau_t, False))
+        torch.testing.assert_close(loss, metrics["loss_con"] + metrics["loss_sd"])
+        c = 0.8 * c + 0.2 * raw.mean(0, keepdim=True)                        # from the raw logits
+        torch.testing.assert_close(teacher.center, c)
+    # the default warm-up length is the LR warm-up's: 16384 built-in samples / 128 per batch × 0.5 epochs
+    assert silc.lr_warmup_steps(silc.parse_args([]), 384) == 64
+    assert silc.teacher_temperature(63, 384, silc.parse_args([])) < 0.07 == silc.teacher_temperature(64, 384, silc.parse_args([]))
+
+
+# ---------------------------------------------------------------------------------------------- teacher, heads
+def test_teacher_starts_equal_gets_no_grad_and_ema_is_exact_and_fixed(world1):
+    model, teacher, args = small_model()
+    assert teacher.parts() == ["visual", "dino_head"]
+    for name in teacher.parts():
+        for (n, p), (_, q) in zip(getattr(model, name).named_parameters(), getattr(teacher, name).named_parameters()):
+            assert torch.equal(p, q), n
+    assert not any(k.startswith(("transformer.", "token_embedding", "text_projection", "logit", "ln_final"))
+                   for k in teacher.state_dict())                                      # no text tower, t or b
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    teacher.train()
+    assert not teacher.training
+    g, local, texts = views()
+    batch = ((*g.view(2, 4, 3, 32, 32), *local.view(2, 4, 3, 16, 16)), texts, torch.zeros(4))
+    loss, _ = silc.train_step(model, model, teacher, batch, 0, 10, args, torch.device("cpu"))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in model.parameters())                          # every trained part is reached
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    silc.after_step(model, teacher, 0, 10, args)                                         # constant m = 0.9
+    for name in teacher.parts():
+        for n, p in getattr(model, name).named_parameters():
+            key = f"{name}.{n}"
+            torch.testing.assert_close(teacher.state_dict()[key], 0.9 * before[key] + 0.1 * p.detach(), msg=key)
+    assert all(silc.ema_momentum(s, 10, args) == 0.9 for s in range(10))                # never annealed to 1
+    args.ema_schedule = "cosine"
+    assert silc.ema_momentum(0, 10, args) == pytest.approx(0.9) and silc.ema_momentum(10, 10, args) == pytest.approx(1.0)
+    assert silc.ema_momentum(5, 10, args) == pytest.approx(0.95)
+
+
+def test_map_and_gap_teachers_copy_their_pooling(world1):
+    for pool, part in (("map", "map_head"), ("gap", "gap_proj")):
+        model, teacher, _ = small_model("--pool", pool)
+        assert part in teacher.parts() and model.visual.proj is None
+        g, _, _ = views()
+        torch.testing.assert_close(silc.pooled_embedding(teacher, g), model.encode_image(g))
+
+
+def test_prototypes_are_unit_rows_and_can_be_frozen(world1):
+    model, _, _ = small_model()
+    head = model.dino_head
+    x = torch.randn(5, 128)
+    z = F.normalize(head.mlp(x), dim=-1)
+    torch.testing.assert_close(head(x), z @ (head.prototypes / head.prototypes.norm(dim=1, keepdim=True)).t())
+    with torch.no_grad():
+        head.prototypes.mul_(3.0)                      # the gain is fixed at 1: rescaling v changes nothing
+    torch.testing.assert_close(head(x), z @ F.normalize(head.prototypes, dim=-1).t())
+    head(x, freeze_prototypes=True).sum().backward()
+    assert torch.count_nonzero(head.prototypes.grad) == 0 and torch.count_nonzero(head.mlp[0].weight.grad) > 0
+
+
+@pytest.mark.parametrize("pool,readout", [("cls", "proj"), ("gap", "proj"), ("map", "proj"), ("map", "map_value")])
+def test_dense_features(world1, pool, readout):
+    model, _, _ = small_model("--pool", pool, "--seg-readout", readout)
+    g, _, _ = views()
+    dense = model.encode_dense(g)
+    assert dense.shape == (8, 16, 128)                                   # (B, N, E), N = (32 / 8)²
+    tokens = model.visual.ln_post(model.visual(g)[:, 1:])
+    if pool == "cls":
+        torch.testing.assert_close(dense, silc.CLIP.encode_dense(model, g))   # the shared CLIP readout
+    elif pool == "gap":
+        torch.testing.assert_close(dense.mean(1), model.encode_image(g))      # linear: mean of dense = pooled
+    elif readout == "proj":
+        torch.testing.assert_close(dense, tokens)                              # MAP, no projection
+    else:  # each token through the value path = the MAP head attending over that token alone
+        torch.testing.assert_close(dense[:, 3], model.map_head(tokens[:, 3:4]))
+
+
+def test_segmentation_confusion_and_background_rule():
+    n_bg, C = 8, 64
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[0, :4, :4] = 1 + 5                                             # class 5 in the top-left quarter
+    masks[1, 4:, 4:] = 1 + 63
+    scores = torch.zeros(2, n_bg + C, 2, 2)
+    scores[:, 2] = 1.0                                                   # a background prompt wins everywhere ...
+    scores[0, n_bg + 5, 0, 0] = 2.0                                      # ... except on the objects' patches
+    scores[1, n_bg + 63, 1, 1] = 2.0
+    conf = silc.segmentation_confusion(scores, masks, n_bg)
+    assert conf.shape == (65, 65) and conf.sum() == 128
+    up = F.interpolate(scores, size=(8, 8), mode="bilinear", align_corners=False).argmax(1)
+    pred = (up - n_bg + 1).clamp(min=0)
+    ious = []
+    for k in (0, 6, 64):
+        inter, union = ((pred == k) & (masks == k)).sum(), ((pred == k) | (masks == k)).sum()
+        ious.append(inter / union)
+        assert conf[k, k] == inter
+    assert silc.miou(conf) == pytest.approx(100 * sum(ious).item() / 3)
+    assert silc.miou(silc.segmentation_confusion(_oracle(masks), masks, n_bg)) == 100
+
+
+def _oracle(masks):
+    """Per-pixel scores (b, 8 + 64, H, W) that put the truth first (background on prompt 0)."""
+    idx = torch.where(masks > 0, masks + 7, 0)
+    return F.one_hot(idx, 72).permute(0, 3, 1, 2).float()
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def checkpoint_of(model, teacher, args):
+    cfg = silc.model_config(args)
+    return {"method": "silc", "config": cfg, "args": silc.plain(vars(args)), "model": model.state_dict(),
+            "teacher": teacher.state_dict() if teacher is not None else None}
+
+
+def test_cls_model_exports_openai_layout_and_eval_towers(world1, tmp_path):
+    model, teacher, args = small_model()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))                           # an EMA that differs from the student
+    exports = silc.export_state_dicts(model.state_dict(), teacher.state_dict())
+    assert set(exports) == {"online", "ema"} and all(k.startswith(silc.OPENAI_PREFIXES) for k in exports["online"])
+    g, _, texts = views()
+    for name, sd in exports.items():
+        silc.export_weights(tmp_path / f"{name}.pt", sd, silc.model_config(args), args, name)
+    clip, _ = silc.load_clip(str(tmp_path / "online.pt"))
+    torch.testing.assert_close(clip.encode_image(g), model.encode_image(g))
+    torch.testing.assert_close(clip.encode_text(texts), model.encode_text(texts))
+    ema, _ = silc.load_clip(str(tmp_path / "ema.pt"))
+    torch.testing.assert_close(ema.encode_image(g), silc.pooled_embedding(teacher, g))
+    towers = silc.eval_towers(checkpoint_of(model, teacher, args))
+    torch.testing.assert_close(towers["ema"].encode_image(g), silc.pooled_embedding(teacher, g))
+    torch.testing.assert_close(towers["ema"].encode_dense(g), silc.dense_embedding(teacher, g))
+    torch.testing.assert_close(towers["online"].encode_dense(g), model.encode_dense(g))
+
+
+def test_map_model_exports_nothing_and_eval_towers_gives_its_towers(world1):
+    model, teacher, args = small_model("--loss", "sigmoid", "--seg-readout", "map_value")
+    assert model.pool == "map" and silc.export_state_dicts(model.state_dict(), teacher.state_dict()) == {}
+    towers = silc.eval_towers(checkpoint_of(model, teacher, args))
+    g, _, texts = views()
+    for name, tower in towers.items():
+        src = model if name == "online" else teacher
+        torch.testing.assert_close(tower.encode_image(g), silc.pooled_embedding(src, g))
+        torch.testing.assert_close(tower.encode_dense(g), silc.dense_embedding(src, g, "map_value"))
+        torch.testing.assert_close(tower.encode_text(texts), model.encode_text(texts))
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _one_step(rank, world, emb_img, emb_txt, global_crops, local_crops, texts):
+    """On this rank's slice of fixed global batches: (1) both contrastive losses on embeddings, with their
+    gradients; (2) one DDP step of SILC-C and SILC-S with the teacher (loss, gradients, centre)."""
+    out = {}
+    b = emb_img.shape[0] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    for kind in ("softmax", "sigmoid"):
+        img, txt = emb_img[sl].clone().requires_grad_(), emb_txt[sl].clone().requires_grad_()
+        t, bias = torch.tensor(math.log(10.0), requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+        loss = sum(silc.contrastive_loss(img, txt, t)) / 2 if kind == "softmax" else silc.sigmoid_loss(img, txt, t, bias)
+        loss.backward()
+        out[kind] = {"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "t": t.grad, "b": bias.grad}
+    n = texts.shape[0] // world
+    rows = slice(rank * n, (rank + 1) * n)
+    for flags in ((), ("--loss", "sigmoid", "--distill-global-cross")):
+        model, teacher, _ = small_model(*flags)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        g = global_crops[:, rows].flatten(0, 1)                          # (2n, 3, 32, 32), view-major
+        local = local_crops[:, rows].flatten(0, 1)                       # (2n, 3, 16, 16)
+        probs = teacher.targets(g, 0.05)
+        loss, _ = ddp(g, texts[rows], local, teacher_probs=probs)
+        loss.backward()
+        out[flags] = {"loss": loss.detach(), "center": teacher.center.clone(),
+                      "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+                      "params": {k for k, _ in model.named_parameters()}}
+    return out
+
+
+def test_two_gloo_processes_match_one_process_and_the_naive_losses(tmp_path):
+    emb_img, emb_txt = embeddings(8, 8, seed=4)
+    g = torch.Generator().manual_seed(5)
+    global_crops, local_crops = torch.randn(2, 4, 3, 32, 32, generator=g), torch.randn(2, 4, 3, 16, 16, generator=g)
+    texts = common.tokenize([common.render_shapes(2, i, 32)[1] for i in range(4)], 24)
+    inputs = (emb_img, emb_txt, global_crops, local_crops, texts)
+    one = run_distributed(_one_step, 1, tmp_path / "one", *inputs)
+    two = run_distributed(_one_step, 2, tmp_path / "two", *inputs)
+    # (1) the contrastive losses against the naive full-batch loss: the ranks' mean loss, and the gradients once
+    # DDP averages them (each rank's own rows; t and b averaged over the ranks)
+    for kind in ("softmax", "sigmoid"):
+        leaves = [x.clone().requires_grad_() for x in (emb_img, emb_txt, torch.tensor(math.log(10.0)), torch.tensor(-10.0))]
+        ref = naive_softmax(*leaves[:2], leaves[2].exp()) if kind == "softmax" else naive_sigmoid(leaves[0], leaves[1], leaves[2].exp(), leaves[3])
+        ref.backward()
+        for runs in (one, two):
+            w = len(runs)
+            torch.testing.assert_close(sum(r[kind]["loss"] for r in runs) / w, ref.detach())
+            torch.testing.assert_close(torch.cat([r[kind]["img"] for r in runs]) / w, leaves[0].grad)
+            torch.testing.assert_close(torch.cat([r[kind]["txt"] for r in runs]) / w, leaves[1].grad)
+            torch.testing.assert_close(sum(r[kind]["t"] for r in runs) / w, leaves[2].grad)
+            if kind == "sigmoid":
+                torch.testing.assert_close(sum(r[kind]["b"] for r in runs) / w, leaves[3].grad)
+    # (2) the whole SILC step: two processes give the loss, gradients and centre of one process
+    for flags in ((), ("--loss", "sigmoid", "--distill-global-cross")):
+        ref = one[0][flags]
+        assert set(ref["grads"]) == ref["params"]                        # every trained parameter gets a gradient
+        torch.testing.assert_close((two[0][flags]["loss"] + two[1][flags]["loss"]) / 2, ref["loss"], rtol=1e-5, atol=1e-5)
+        for r in two:
+            torch.testing.assert_close(r[flags]["center"], ref["center"])
+            for name, grad in ref["grads"].items():
+                torch.testing.assert_close(r[flags]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_smoke_run_exports_and_eval_towers(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("silc.py", *TINY, "--steps", "2", "--out-dir", out)
+    assert "done: 2 steps" in proc.stdout + proc.stderr
+    for name in ("checkpoint.pt", "export_online.pt", "export_ema.pt", "args.json", "metrics.jsonl", "code/silc.py"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2] and "loss_sd" in records[0]
+    assert {"online/top1", "ema/top1", "online/miou", "ema/miou"} <= set(records[-1]["eval"])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    towers = silc.eval_towers(ckpt)
+    clip, _ = silc.load_clip(str(out / "export_ema.pt"))
+    g, _, _ = views()
+    torch.testing.assert_close(towers["ema"].encode_image(g), clip.encode_image(g))
+    assert ckpt["teacher"]["center"].abs().sum() > 0                    # the centre moved and is saved
+
+
+def test_map_model_segmentation_path(world1):
+    """The MAP model's dense readouts through the evaluation's segmentation path (cheap: 16 images)."""
+    model, teacher, args = small_model("--loss", "sigmoid", "--seg-readout", "map_value")
+    cfg = silc.model_config(args)
+    classifier = silc.segmentation_classifier(model.encode_text, args.context_length, torch.device("cpu"))
+    assert classifier.shape == (8 + 64, 128)
+    for tower in (model, teacher):
+        value = silc.zero_shot_segmentation(lambda x: silc.dense_embedding(tower, x, "map_value"), classifier, cfg,
+                                            args, torch.device("cpu"), n_images=16)
+        assert 0 <= value <= 100
+
+
+@pytest.mark.parametrize("flags,words", [(["--seg-readout", "map_value"], "--pool map"),
+                                         (["--local-size", "12"], "multiple of the patch"),
+                                         (["--n-local", "-1"], "--n-local")])
+def test_bad_flags_fail_at_start_with_one_line(tmp_path, capsys, flags, words):
+    with pytest.raises(SystemExit) as exit_info:
+        silc.main([*TINY, *flags, "--out-dir", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and words in err and err.startswith("error: ") and err.strip().count("\n") == 0
+    assert not (tmp_path / "bad").exists()                              # nothing trained, nothing written
