@@ -112,8 +112,8 @@ RECIPE = dict(model="ViT-B/16", batch_size=2048, epochs=300, lr=1.5e-3, lr_start
 # 4×4 grid holds no 16-patch block (blocks must be narrower and shorter than the grid), so blocks start at
 # 2 patches; 6 of the 16 patches are masked (75/196 of them, rounded). No colour jitter: colour is half
 # of the shapes' class.
-DEMO = dict(model="tiny", batch_size=64, epochs=2, lr=1.5e-3, lr_start=0.0, lr_end=1e-5, warmup_epochs=0.25,
-            crop_scale=0.8, builtin_samples=8192, eval_every=0.0, workers=1, min_mask_patches_per_block=2,
+DEMO = dict(model="tiny", batch_size=64, epochs=3, lr=1.5e-3, lr_start=0.0, lr_end=1e-5, warmup_epochs=0.25,
+            crop_scale=0.8, builtin_samples=12288, eval_every=0.0, workers=1, min_mask_patches_per_block=2,
             color_jitter=0.0, knn_samples=4096)
 
 TEACHER_OUTPUTS = ["ln_post_proj", "ln_post", "pre_ln_post"]

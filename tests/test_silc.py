@@ -195,9 +195,9 @@ def test_teacher_targets_centring_and_temperature_schedule_match_naive(world1):
         torch.testing.assert_close(loss, metrics["loss_con"] + metrics["loss_sd"])
         c = 0.8 * c + 0.2 * raw.mean(0, keepdim=True)                        # from the raw logits
         torch.testing.assert_close(teacher.center, c)
-    # the default warm-up length is the LR warm-up's: 16384 built-in samples / 128 per batch × 0.5 epochs
-    assert silc.lr_warmup_steps(silc.parse_args([]), 384) == 64
-    assert silc.teacher_temperature(63, 384, silc.parse_args([])) < 0.07 == silc.teacher_temperature(64, 384, silc.parse_args([]))
+    # the default warm-up length is the LR warm-up's: 13312 built-in samples / 128 per batch × 0.5 epochs
+    assert silc.lr_warmup_steps(silc.parse_args([]), 312) == 52
+    assert silc.teacher_temperature(51, 312, silc.parse_args([])) < 0.07 == silc.teacher_temperature(52, 312, silc.parse_args([]))
 
 
 # ---------------------------------------------------------------------------------------------- teacher, heads
