@@ -1,0 +1,602 @@
+"""benchmark.py: training-step speed, memory and model FLOPs utilisation of every method, in one process.
+
+For each method (a row) at one model size, batch and precision, it times the whole training step as the
+scripts' shared main loop runs it: `train_step` under the script's autocast, backward (through the GradScaler
+with fp16), gradient clipping where the recipe has it, the AdamW step (fused on CUDA, the shared
+`make_optimizer`) and `after_step` (EMA teachers, temperature clamp). Every row is built through the method
+script's own hooks (`parse_args`, `build_model`, `build_teacher`, `train_transform`), wrapped in
+DistributedDataParallel as `train()` does (a world of one), and fed one real batch of the built-in shapes
+made by its own transform and collated as its loader does. Steps are timed after a warm-up, with the device
+synchronised at both ends of each timed block.
+
+Rows: `clip` (maskclip.py with --dist-weight 0 --mlm-weight 0, the baseline every time is divided by),
+maskclip, aclip, aclip-eff (--eff), silc (softmax), silc-sigmoid, milan, maskdistill (both with a frozen
+CLIP teacher of the same size, written by maskclip.py's export to a temporary folder) and, when it is
+installed, open_clip: the same CLIP architecture (QuickGELU or GELU as ours) through open_clip's `CLIP` and
+`ClipLoss`, timed by the same loop with the same optimiser. The paper's time ratios (A-CLIP's table:
+MaskCLIP 1.56, A-CLIP 1.16, A-CLIP-eff 0.86 times CLIP) are printed beside ours.
+
+Fairness: all rows run in one process. The rows are measured in `--rounds` rounds, each round running every
+row once in turn (built afresh, warmed up, timed), so the load of a shared machine falls on all of them;
+the time of a row is its median over the rounds and its time relative to CLIP the median over the rounds of
+the ratio within a round.
+
+Columns: images/s and ms per step (median); time relative to the CLIP baseline; peak memory (CUDA:
+max_memory_allocated of the row, from a reset before it is built; CPU: the process's peak RSS while the row
+ran, VmHWM after a reset through /proc/self/clear_refs); model FLOPs per image; achieved TFLOP/s and, on GPU,
+the model FLOPs utilisation
+
+    MFU = (3·F_trained + 1·F_frozen) · steps/s ÷ peak FLOP/s
+
+where F_trained is the forward FLOPs of every operation autograd records (the trained towers, heads and
+losses: their backward costs about twice their forward) and F_frozen the forward FLOPs of every operation
+that runs without gradient (EMA and frozen teachers, scorers); a multiply-add counts as 2 FLOPs. Both are
+counted with torch.utils.flop_counter.FlopCounterMode over one forward of the row's `train_step` on the
+benchmark batch (matrix products, convolutions and attention; the causal text attention is counted in
+full, as the published ViT FLOP figures do). Peaks (dense bf16/fp16): H100 SXM and H200 989 TFLOP/s, H100
+PCIe 756, A100 312; `--peak-tflops` for another device or for fp32.
+
+Data loading: images/s of one worker (one process, one torch thread, no DataLoader) of the built-in renderer
+(render, the CLIP baseline's train transform, tokenize) and of the tar-shard reader (`common.TarShards`: read,
+JPEG decode, transform, tokenize) over a tar of JPEGs written to a temporary folder, and how many such workers
+the CLIP baseline's step rate needs.
+
+Run:
+    python benchmark.py                                            # CPU default: tiny model, fp32, < 5 min
+    python benchmark.py --model ViT-B/16 --precision bf16 --batch-size 256 --json bench.json   # one GPU
+    python benchmark.py --model ViT-B/16 --precision bf16 --batch-size 256 --compile --rounds 1
+    python benchmark.py --methods clip,open_clip --rounds 5        # our CLIP baseline against open_clip
+
+Hyper-parameters of the rows: the built-in demo's values (the scripts' DEMO) for the tiny model, the paper's
+recipe (RECIPE, as with --train-data) for every other size; `--hparams` overrides. One process only (no
+torchrun). Left out: data loading inside the timed step (the loader runs in its own workers during
+training; its rate per worker is reported separately), evaluation and checkpointing time.
+"""
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+import common
+
+# row name -> (script, its flags, the paper's training time relative to CLIP: A-CLIP's README table)
+ROWS = {
+    "clip": ("maskclip", ["--dist-weight", "0", "--mlm-weight", "0"], 1.0),
+    "maskclip": ("maskclip", [], 1.56),
+    "aclip": ("aclip", [], 1.16),
+    "aclip-eff": ("aclip", ["--eff"], 0.86),
+    "silc": ("silc", [], None),
+    "silc-sigmoid": ("silc", ["--loss", "sigmoid"], None),
+    "milan": ("milan", ["--teacher", "{teacher}"], None),
+    "maskdistill": ("maskdistill", ["--teacher", "{teacher}"], None),
+    "open_clip": ("maskclip", ["--dist-weight", "0", "--mlm-weight", "0"], None),  # the CLIP baseline's settings
+}
+BASELINE = "clip"
+# dense bf16/fp16 peak TFLOP/s by device name (first match wins)
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
+TOTAL_STEPS = 10_000  # the run length the steps pretend to be in (schedules of the EMA momentum and τ_t)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", default=",".join(ROWS),
+                   help="comma-separated rows (the CLIP baseline is always run); open_clip is skipped when it is "
+                        "not installed")
+    p.add_argument("--model", default="tiny", help="model size (maskclip.MODELS)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch of one step")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--hparams", default="auto", choices=["auto", "demo", "recipe"],
+                   help="method hyper-parameters: the scripts' DEMO values or the paper's RECIPE (auto: DEMO for "
+                        "the tiny model, RECIPE otherwise)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed block")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per row and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all rows; times are medians over rounds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DDP-wrapped model, as the scripts' --compile does")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for the MFU (default: from the "
+                                                      "device name for bf16/fp16; none on CPU)")
+    p.add_argument("--data-samples", type=int, default=256,
+                   help="samples timed by each data-loading row (0 = no data-loading rows)")
+    p.add_argument("--jpeg-size", type=int, help="side of the JPEGs of the tar-shard row (default: 8/7 of the image "
+                                                 "size, at least 64: 256 for 224 px)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--json", help="write every number to this JSON file")
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def check_args(args):
+    models = importlib.import_module("maskclip").MODELS
+    if args.model not in models:
+        raise common.UsageError(f"--model {args.model} is not a model size; pick one of {', '.join(models)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ROWS]
+    if unknown or not methods:
+        raise common.UsageError(f"--methods: unknown row {unknown[0] if unknown else '(none)'}; pick from "
+                                f"{','.join(ROWS)}")
+    for name in ("batch_size", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            raise common.UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.data_samples < 0:
+        raise common.UsageError("--warmup and --data-samples must be 0 or more")
+    if "open_clip" in methods and open_clip_module() is None:
+        if args.methods != parse_args([]).methods:  # asked for by name
+            raise common.UsageError("open_clip is not installed: pip install open_clip_torch, or drop open_clip "
+                                    "from --methods")
+        methods.remove("open_clip")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise common.UsageError("--device cuda was asked for but no GPU is visible; pass --device cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise common.UsageError("benchmark.py runs in one process: start it with python, not torchrun")
+    return [BASELINE] + [m for m in dict.fromkeys(methods) if m != BASELINE]
+
+
+def open_clip_module():
+    try:
+        return importlib.import_module("open_clip")
+    except ImportError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------------
+class StepFlops:
+    """Forward FLOPs of one training step, split by whether autograd records the operation. Use
+    `with counter.mode():` around one forward; then `trained`, `frozen` and `model_flops` (per step)."""
+
+    def __init__(self):
+        self.trained = self.frozen = 0
+
+    @property
+    def model_flops(self):
+        """3·F_trained + 1·F_frozen: forward + backward (≈ 2 × forward) of what is trained, forward only of
+        the teachers."""
+        return 3 * self.trained + self.frozen
+
+    def _split(self, count):
+        def counted(*args, out_val=None, **kwargs):
+            n = count(*args, out_val=out_val, **kwargs)
+            tensors = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])
+                       if isinstance(a, torch.Tensor)]
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                self.trained += n
+            else:
+                self.frozen += n
+            return n
+        counted._get_raw = True  # FlopCounterMode passes the tensors themselves
+        return counted
+
+    def mode(self):
+        registry = dict(flop_registry)
+        # the CPU kernel of F.scaled_dot_product_attention is not in torch's table: same formula as flash
+        cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if cpu_sdpa is not None and cpu_sdpa not in registry:
+            registry[cpu_sdpa] = registry[torch.ops.aten._scaled_dot_product_flash_attention]
+        return FlopCounterMode(display=False, custom_mapping={k: self._split(v) for k, v in registry.items()})
+
+
+def analytic_clip_flops(cfg, batch):
+    """Forward FLOPs of one CLIP step on `batch` pairs (ecosystem spec §C.1), a multiply-add = 2 FLOPs:
+        per block of N tokens of width D: 24·N·D² (QKV 6ND², output 2ND², MLP 16ND²) + 4·N²·D (QKᵀ and AV)
+        image: patch embedding 2·(N-1)·3P²·D, L_v blocks at N = grid² + 1, projection of [CLS] 2·D·E
+        text: L_t blocks at N = context, projection of the end token 2·W·E
+        loss: two B × B logit matrices, 2·2·B²·E
+    ViT-B/16 at 224 px gives 35.13 (image) + 5.96 (text) = 41.09 GFLOPs per pair, open_clip's profile."""
+    def blocks(layers, n, d):
+        return layers * (24 * n * d * d + 4 * n * n * d)
+    n_img = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    width, text_width, embed = cfg["width"], cfg["text_width"], cfg["embed_dim"]
+    image = (2 * n_img * 3 * cfg["patch_size"] ** 2 * width + blocks(cfg["layers"], n_img + 1, width)
+             + 2 * width * embed)
+    text = blocks(cfg["text_layers"], cfg["context_length"], text_width) + 2 * text_width * embed
+    return batch * (image + text) + 4 * batch * batch * cfg["embed_dim"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------
+def reset_peak_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the RSS is this row's
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+
+def peak_memory(device):
+    """Peak bytes since reset_peak_memory: CUDA allocations, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)\s+kB", f.read()).group(1)) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # never reset: the process's peak
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------------------------
+def script_args(row, args, teacher_path):
+    """The method script's own arguments for a row."""
+    script, flags, _ = ROWS[row]
+    mod = importlib.import_module(script)
+    recipe = args.hparams == "recipe" or (args.hparams == "auto" and args.model != "tiny")
+    argv = ["--model", args.model, "--batch-size", str(args.batch_size), "--precision", args.precision,
+            "--device", args.device, "--seed", str(args.seed), "--workers", "0"]
+    argv += [f.format(teacher=teacher_path) for f in flags]
+    argv += ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
+    # the recipe's values are what parse_args gives with --train-data; the benchmark feeds its own batch
+    margs = mod.parse_args(argv + (["--train-data", "recipe"] if recipe else []))
+    margs.train_data = None
+    margs.out_dir = tempfile.gettempdir()
+    return mod, margs
+
+
+def make_batch(mod, margs, cfg, device):
+    """One batch of the built-in shapes through the script's train transform, collated as its loader does
+    (`common.make_train_loader` with no --train-data), pinned on CUDA."""
+    kind = mod.DATA_KIND
+    data = common.Shapes("train", length=margs.batch_size, transform=mod.train_transform(margs, cfg),
+                         target="text" if kind == "image-text" else "label", context_length=margs.context_length,
+                         seed=margs.seed)
+    batch = common.collate([data[(0, i)] for i in range(margs.batch_size)])
+
+    def pin(x):
+        return x.pin_memory() if torch.is_tensor(x) else type(x)(pin(v) for v in x)
+    return pin(batch) if device.type == "cuda" else batch
+
+
+class MethodRow:
+    """A method script's model, teacher, optimiser and one step of its shared main loop."""
+
+    def __init__(self, mod, margs, batch, device):
+        self.mod, self.args, self.batch, self.device = mod, margs, batch, device
+        cfg = mod.model_config(margs)
+        torch.manual_seed(margs.seed)
+        self.model = mod.build_model(cfg, margs).to(device)
+        if margs.grad_checkpointing:
+            for m in self.model.modules():
+                if isinstance(m, mod.Transformer):
+                    m.grad_checkpointing = True
+        teacher = mod.build_teacher(self.model, margs)
+        self.teacher = teacher.to(device) if teacher is not None else None
+        self.optimizer = mod.make_optimizer(self.model, margs, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=margs.precision == "fp16")
+        ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(ddp) if margs.compile else ddp
+        self.sums, self.skipped = {}, torch.zeros((), device=device)
+        self.model.train()
+
+    def count_flops(self, step):
+        counter = StepFlops()
+        with counter.mode(), self.mod.autocast(self.device, self.args.precision):
+            loss, _ = self.mod.train_step(self.model, self.model, self.teacher, self.batch, step, TOTAL_STEPS,
+                                          self.args, self.device)
+        del loss
+        return counter
+
+    def step(self, step):
+        """The body of the shared main loop (maskclip.py `train`), without the logging sync."""
+        mod, args, model, optimizer, scaler = self.mod, self.args, self.model, self.optimizer, self.scaler
+        lr = mod.lr_at(step, TOTAL_STEPS, 0, args.lr, args.lr_start, args.lr_end)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with mod.autocast(self.device, args.precision):
+            loss, metrics = mod.train_step(self.forward, model, self.teacher, self.batch, step, TOTAL_STEPS, args,
+                                           self.device)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        mod.after_step(model, self.teacher, step, TOTAL_STEPS, args)
+        for k, v in {"loss": loss, **metrics}.items():  # summed on the device, as the main loop does
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.skipped += self.batch[2].sum().to(self.device)
+
+
+class OpenClipRow(MethodRow):
+    """The CLIP baseline's architecture through open_clip's CLIP and ClipLoss, in the same loop with the same
+    optimiser, autocast and DDP wrapping."""
+
+    def __init__(self, mod, margs, batch, device):
+        self.mod, self.args, self.batch, self.device = mod, margs, batch, device
+        open_clip = open_clip_module()
+        cfg = mod.model_config(margs)
+        vision = open_clip.model.CLIPVisionCfg(layers=cfg["layers"], width=cfg["width"], patch_size=cfg["patch_size"],
+                                               head_width=cfg["width"] // cfg["heads"], image_size=cfg["image_size"])
+        text = open_clip.model.CLIPTextCfg(context_length=cfg["context_length"], vocab_size=common.VOCAB_SIZE,
+                                           width=cfg["text_width"], heads=cfg["text_heads"], layers=cfg["text_layers"])
+        torch.manual_seed(margs.seed)
+        self.model = open_clip.model.CLIP(cfg["embed_dim"], vision, text, quick_gelu=cfg["act"] == "quickgelu")
+        self.model.to(device)
+        if margs.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.loss_fn = open_clip.loss.ClipLoss()
+        self.teacher = None
+        self.optimizer = mod.make_optimizer(self.model, margs, device)  # the same parameter names as OpenAI's
+        self.scaler = torch.amp.GradScaler(device.type, enabled=margs.precision == "fp16")
+        ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(ddp) if margs.compile else ddp
+        self.sums, self.skipped = {}, torch.zeros((), device=device)
+        self.model.train()
+        self.mod = _OpenClipHooks(mod, self.loss_fn)
+
+
+class _OpenClipHooks:
+    """train_step / after_step for open_clip's model, everything else from maskclip.py."""
+
+    def __init__(self, mod, loss_fn):
+        self._mod, self.loss_fn = mod, loss_fn
+
+    def __getattr__(self, name):
+        return getattr(self._mod, name)
+
+    def train_step(self, forward, model, teacher, batch, step, total_steps, args, device):
+        image, text = self._mod.to_device(batch[:2], device)
+        image_features, text_features, logit_scale = forward(image, text)
+        return self.loss_fn(image_features, text_features, logit_scale), {}
+
+    def after_step(self, model, teacher, step, total_steps, args):
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # open_clip's training loop does this after each step
+
+
+def write_teacher(folder, args):
+    """A frozen CLIP image tower of the benchmark's size (random weights, QuickGELU), written as maskclip.py
+    exports it, for the --teacher of milan.py and maskdistill.py."""
+    mod, margs = script_args(BASELINE, args, None)
+    cfg = dict(mod.model_config(margs), act="quickgelu")
+    torch.manual_seed(args.seed)
+    clip = mod.CLIP(**cfg)
+    visual = {k: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+    path = os.path.join(folder, "teacher.pt")
+    mod.export_weights(path, visual, cfg, margs, "online")
+    return path
+
+
+def time_row(row, prepared, res, first, args, device):
+    """Build one row afresh, count its FLOPs (first round), warm up, time `args.steps` steps."""
+    mod, margs, batch = prepared
+    reset_peak_memory(device)
+    runner = (OpenClipRow if row == "open_clip" else MethodRow)(mod, margs, batch, device)
+    if first:
+        flops = runner.count_flops(0)
+        res.update(trained_flops=flops.trained, frozen_flops=flops.frozen, model_flops=flops.model_flops)
+        runner.optimizer.zero_grad(set_to_none=True)
+    step = 1
+    for _ in range(args.warmup):
+        runner.step(step)
+        step += 1
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        runner.step(step)
+        step += 1
+    sync(device)
+    res["seconds"].append((time.perf_counter() - t0) / args.steps)
+    res["cpu_seconds"].append((time.process_time() - c0) / args.steps)
+    res["peak_bytes"] = max(res["peak_bytes"], peak_memory(device))
+    if not math.isfinite(runner.sums["loss"].item()):  # one host sync per row
+        raise SystemExit(f"error: non-finite loss in row {row}; its timings would not be those of training")
+
+
+def run_rows(rows, args, device, teacher_path):
+    """Every row once per round; returns {row: result dict}. A row that runs out of GPU memory is reported
+    as such and left out of the later rounds."""
+    prepared = {}
+    for row in rows:
+        mod, margs = script_args(row, args, teacher_path)
+        prepared[row] = (mod, margs, make_batch(mod, margs, mod.model_config(margs), device))
+    results = {row: {"script": ROWS[row][0], "flags": ROWS[row][1], "paper_ratio": ROWS[row][2], "seconds": [],
+                     "cpu_seconds": [], "peak_bytes": 0} for row in rows}
+    for r in range(args.rounds):
+        for row in rows:
+            res = results[row]
+            if "error" in res:
+                continue
+            try:
+                time_row(row, prepared[row], res, r == 0, args, device)
+                message = f"{1000 * res['seconds'][-1]:.1f} ms/step"
+            except torch.cuda.OutOfMemoryError:
+                if row == BASELINE:
+                    raise common.UsageError(f"the CLIP baseline does not fit in GPU memory at batch {args.batch_size}; "
+                                            f"lower --batch-size or add --grad-checkpointing") from None
+                res["error"] = message = f"out of GPU memory at batch {args.batch_size}"
+            if args.compile:  # drop the compiled graphs: the next row compiles its own, far from the recompile limit
+                torch._dynamo.reset()
+            print(f"round {r + 1}/{args.rounds} {row}: {message}", file=sys.stderr, flush=True)
+    base = results[BASELINE]["seconds"]
+    for row, res in results.items():
+        if "error" in res:
+            continue
+        median = statistics.median(res["seconds"])
+        res["ms_per_step"] = 1000 * median
+        res["images_per_s"] = args.batch_size / median
+        res["relative_time"] = statistics.median(s / b for s, b in zip(res["seconds"], base))
+        res["model_gflops_per_image"] = res["model_flops"] / args.batch_size / 1e9
+        res["tflops_per_s"] = res["model_flops"] / median / 1e12
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data loading
+# ----------------------------------------------------------------------------------------------------
+def data_rows(args, device, n):
+    """Images/s of one worker: the built-in renderer and the tar-shard reader, with the CLIP baseline's
+    train transform at the benchmark's image size and the tokenizer."""
+    mod, margs = script_args(BASELINE, args, None)
+    cfg = mod.model_config(margs)
+    transform = mod.train_transform(margs, cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    out = {}
+    shapes = common.Shapes("train", length=n + 8, transform=transform, context_length=margs.context_length)
+    for i in range(8):  # warm-up: fonts, tokenizer cache
+        shapes[(0, n + i)]
+    t0 = time.perf_counter()
+    for i in range(n):
+        shapes[(0, i)]
+    out["shapes"] = {"images_per_s": n / (time.perf_counter() - t0), "source_px": shapes.image_size}
+    side = args.jpeg_size or max(64, round(cfg["image_size"] * 8 / 7))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "00000.tar")
+        with tarfile.open(path, "w") as tar:
+            for i in range(n):
+                img, caption, _, _ = common.render_shapes(7, i, size=side)
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                for name, data in ((f"{i:06d}.jpg", buf.getvalue()), (f"{i:06d}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        reader = common.TarShards([path], transform, margs.context_length, seed=args.seed)
+        reader.set_epoch(0)
+        it = iter(reader)
+        t0 = time.perf_counter()
+        for _ in range(n):  # one pass over the shard
+            next(it)
+        out["tar_jpeg"] = {"images_per_s": n / (time.perf_counter() - t0), "source_px": side}
+        del it
+    torch.set_num_threads(threads)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+def cpu_name():
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda" or args.precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_TFLOPS if key in name), None)
+
+
+def fmt_bytes(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def report(info, results, data, peak):
+    lines = [f"device: {info['device']}; torch {info['torch']}; {info['threads']} CPU threads",
+             f"model {info['model']}, batch {info['batch_size']}, {info['precision']}, hyper-parameters "
+             f"{info['hparams']}, {info['warmup']} warm-up + {info['steps']} timed steps × {info['rounds']} rounds"
+             + (", compiled" if info["compile"] else ""), ""]
+    memory = "peak GPU memory" if info["device_type"] == "cuda" else "peak RSS"
+    lines += [f"| method | images/s | ms/step | time vs CLIP | paper | {memory} | GFLOP/image | TFLOP/s | MFU |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row, r in results.items():
+        if "error" in r:
+            lines.append(f"| {row} | {r['error']} |" + " |" * 7)
+            continue
+        mfu = f"{100 * r['tflops_per_s'] / peak:.1f}%" if peak else "-"
+        paper = f"{r['paper_ratio']:.2f}" if r["paper_ratio"] else "-"
+        lines.append(f"| {row} | {r['images_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['relative_time']:.2f} | "
+                     f"{paper} | {fmt_bytes(r['peak_bytes'])} | {r['model_gflops_per_image']:.3g} | "
+                     f"{r['tflops_per_s']:.3g} | {mfu} |")
+    if "relative_time" in results.get("open_clip", {}):
+        ratio = 1 / results["open_clip"]["relative_time"]
+        lines += ["", f"our CLIP baseline / open_clip, time per step: {ratio:.2f} (target: at most 1.00)"]
+    if data:
+        clip_rate = results[BASELINE]["images_per_s"]
+        lines += ["", "| data loading, one worker | source | images/s | workers to feed the CLIP baseline |",
+                  "|---|---|---:|---:|"]
+        names = {"shapes": "built-in shapes (render + transform)",
+                 "tar_jpeg": "tar shards (read + JPEG decode + transform)"}
+        for key, d in data.items():
+            lines.append(f"| {names[key]} | {d['source_px']} px | {d['images_per_s']:.0f} | "
+                         f"{math.ceil(clip_rate / d['images_per_s'])} |")
+    lines += ["", "GFLOP/image = (3·F_trained + 1·F_frozen) / batch; MFU = (3·F_trained + 1·F_frozen) · steps/s ÷ peak"
+              + (f" ({peak:g} TFLOP/s)" if peak else ": no MFU without a known peak (CPU, fp32 or an unknown GPU: "
+                 "--peak-tflops)")]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args, " ".join(["python benchmark.py", *(sys.argv[1:] if argv is None else argv)]))
+    except common.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, command):
+    rows = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    maskclip = importlib.import_module("maskclip")
+    _, _, device = maskclip.setup_distributed(args.device)
+    peak = peak_tflops(args, device)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "model": args.model, "batch_size": args.batch_size, "precision": args.precision,
+            "hparams": args.hparams if args.hparams != "auto" else ("demo" if args.model == "tiny" else "recipe"),
+            "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "compile": args.compile,
+            "peak_tflops": peak, "command": command}
+    with tempfile.TemporaryDirectory() as folder:
+        teacher = write_teacher(folder, args) if {"milan", "maskdistill"} & set(rows) else None
+        results = run_rows(rows, args, device, teacher)
+    data = data_rows(args, device, args.data_samples) if args.data_samples else {}
+    mod, margs = script_args(BASELINE, args, None)
+    analytic = analytic_clip_flops(mod.model_config(margs), args.batch_size)
+    info["clip_forward_flops"] = {"counted": results[BASELINE]["trained_flops"] + results[BASELINE]["frozen_flops"],
+                                  "analytic": analytic}
+    print(report(info, results, data, peak))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": results, "data": data}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

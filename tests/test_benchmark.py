@@ -1,0 +1,99 @@
+"""benchmark.py: the real CLI over a few rows (table and JSON), the FLOP count against the analytic formula
+and the published ViT-B/16 figure, the trained / frozen split of the FLOPs, the peak-RSS reset, one-line
+errors. No timing is asserted."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+import benchmark
+
+
+def test_cli_runs_rows_and_writes_numbers(tmp_path):
+    rows = ["clip", "aclip-eff", "maskdistill"] + (["open_clip"] if benchmark.open_clip_module() else [])
+    out = tmp_path / "bench.json"
+    proc = run_cli("benchmark.py", "--methods", ",".join(rows[1:]), "--batch-size", 4, "--warmup", 1, "--steps", 1,
+                   "--rounds", 1, "--data-samples", 4, "--threads", 1, "--json", out)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    names = [line.split("|")[1].strip() for line in table]
+    for row in rows:  # the CLIP baseline runs although --methods did not name it
+        assert row in names, proc.stdout
+    assert "tar shards" in proc.stdout and "built-in shapes" in proc.stdout
+    assert ("our CLIP baseline / open_clip" in proc.stdout) == ("open_clip" in rows)
+    result = json.loads(out.read_text())
+    assert list(result["rows"]) == rows
+    for row, r in result["rows"].items():
+        for key in ("images_per_s", "ms_per_step", "relative_time", "model_flops", "tflops_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (row, key, r[key])
+        assert r["peak_bytes"] > 0
+    assert result["rows"]["clip"]["relative_time"] == 1.0
+    assert result["rows"]["aclip-eff"]["paper_ratio"] == 0.86
+    assert result["rows"]["maskdistill"]["frozen_flops"] > 0  # the frozen teacher's forward
+    assert result["info"]["clip_forward_flops"]["counted"] == pytest.approx(
+        result["info"]["clip_forward_flops"]["analytic"], rel=0.02)
+    for d in result["data"].values():
+        assert d["images_per_s"] > 0
+
+
+def tiny_row(row, world1, batch=4):
+    args = benchmark.parse_args(["--batch-size", str(batch), "--device", "cpu"])
+    mod, margs = benchmark.script_args(row, args, None)
+    cfg = mod.model_config(margs)
+    device = torch.device("cpu")
+    return mod, margs, cfg, benchmark.MethodRow(mod, margs, benchmark.make_batch(mod, margs, cfg, device), device)
+
+
+def test_clip_flops_match_the_analytic_formula(world1):
+    mod, margs, cfg, runner = tiny_row("clip", world1, batch=6)
+    flops = runner.count_flops(0)
+    assert flops.frozen == 0
+    assert flops.trained == pytest.approx(benchmark.analytic_clip_flops(cfg, 6), rel=0.02)
+    assert flops.model_flops == 3 * flops.trained
+
+
+def test_analytic_formula_gives_the_published_vit_b16_figure():
+    """open_clip's profile: ViT-B-16 35.13 image + 5.96 text = 41.09 GFLOPs per pair (ecosystem spec §C.1)."""
+    import maskclip
+    cfg = maskclip.MODELS["ViT-B/16"]
+    per_pair = benchmark.analytic_clip_flops(cfg, 1) - 4 * cfg["embed_dim"]  # without the 1 × 1 logits
+    assert per_pair / 1e9 == pytest.approx(41.09, abs=0.01)
+
+
+def test_maskclip_teacher_flops_are_counted_once(world1):
+    """The EMA teacher's forward (full image + quantizer on every patch) is the frozen part, exactly."""
+    mod, margs, cfg, runner = tiny_row("maskclip", world1, batch=4)
+    flops = runner.count_flops(0)
+    n, d, p = (cfg["image_size"] // cfg["patch_size"]) ** 2, cfg["width"], cfg["patch_size"]
+    tower = 2 * n * 3 * p * p * d + cfg["layers"] * (24 * (n + 1) * d * d + 4 * (n + 1) ** 2 * d)
+    quantizer = 2 * n * d * margs.quant_k
+    assert flops.frozen == 4 * (tower + quantizer)
+    assert flops.trained > benchmark.analytic_clip_flops(cfg, 4)  # CLIP + the masked and MLM branches
+
+
+def test_peak_rss_is_reset():
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("no /proc/self/clear_refs")
+    cpu = torch.device("cpu")
+    benchmark.reset_peak_memory(cpu)
+    before = benchmark.peak_memory(cpu)
+    x = torch.ones(64 << 20)  # 256 MiB, touched
+    high = benchmark.peak_memory(cpu)
+    assert high - before >= 200 << 20
+    del x
+    benchmark.reset_peak_memory(cpu)
+    assert benchmark.peak_memory(cpu) < high - (200 << 20)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "clip,bogus"], "--methods: unknown row bogus"),
+    (["--model", "ViT-Z", "--steps", "0"], "--model ViT-Z is not a model size"),
+])
+def test_bad_input_is_one_line(flags, message):
+    proc = run_cli("benchmark.py", *flags, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert message in lines[0]
