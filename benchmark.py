@@ -110,7 +110,7 @@ def parse_args(argv=None):
                         "the tiny model, RECIPE otherwise)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed block")
     p.add_argument("--steps", type=int, default=4, help="timed steps per row and round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over all rows; times are medians over rounds")
+    p.add_argument("--rounds", type=int, default=5, help="rounds over all rows; times are medians over rounds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DDP-wrapped model, as the scripts' --compile does")
@@ -553,7 +553,8 @@ def report(info, results, data, peak):
         for key, d in data.items():
             lines.append(f"| {names[key]} | {d['source_px']} px | {d['images_per_s']:.0f} | "
                          f"{math.ceil(clip_rate / d['images_per_s'])} |")
-    lines += ["", "GFLOP/image = (3·F_trained + 1·F_frozen) / batch; MFU = (3·F_trained + 1·F_frozen) · steps/s ÷ peak"
+    lines += ["", "GFLOP/image = (3·F_trained + 1·F_frozen) / batch; "
+              "MFU = (3·F_trained + 1·F_frozen) · steps/s ÷ peak"
               + (f" ({peak:g} TFLOP/s)" if peak else ": no MFU without a known peak (CPU, fp32 or an unknown GPU: "
                  "--peak-tflops)")]
     return "\n".join(lines)
