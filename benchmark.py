@@ -320,13 +320,7 @@ class MethodRow:
         with mod.autocast(self.device, args.precision):
             loss, metrics = mod.train_step(self.forward, model, self.teacher, self.batch, step, TOTAL_STEPS, args,
                                            self.device)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        mod.backward_and_step(loss, model, optimizer, scaler, args.grad_clip)
         mod.after_step(model, self.teacher, step, TOTAL_STEPS, args)
         for k, v in {"loss": loss, **metrics}.items():  # summed on the device, as the main loop does
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()

@@ -1051,6 +1051,18 @@ def lr_at(step, total_steps, warmup_steps, lr, lr_start, lr_end):
     return lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def backward_and_step(loss, model, optimizer, scaler, grad_clip):
+    """The backward pass and optimiser step of one training step: gradients (scaled for fp16), clipping of
+    the global gradient norm when grad_clip > 0, AdamW, the fp16 scaler's update."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def to_device(batch, device):
     """Tensors, possibly nested in tuples or lists, to the device (asynchronously from pinned memory)."""
     if torch.is_tensor(batch):
@@ -1410,13 +1422,7 @@ def train(args):
             group["lr"] = lr
         with autocast(device, args.precision):
             loss, metrics = train_step(fwd, model, teacher, batch, step, total_steps, args, device)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        backward_and_step(loss, model, optimizer, scaler, args.grad_clip)
         after_step(model, teacher, step, total_steps, args)
         step += 1
         for k, v in {"loss": loss, **metrics}.items():  # summed on the device: no host sync per step
