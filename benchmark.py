@@ -2,7 +2,7 @@
 
 For each method (a row) at one model size, batch and precision, it times the whole training step as the
 scripts' shared main loop runs it: `train_step` under the script's autocast, backward (through the GradScaler
-with fp16), gradient clipping where the recipe has it, the AdamW step (fused on CUDA, the shared
+with fp16), gradient clipping where the recipe has it, the AdamW step (fused, the shared
 `make_optimizer`) and `after_step` (EMA teachers, temperature clamp). Every row is built through the method
 script's own hooks (`parse_args`, `build_model`, `build_teacher`, `train_transform`), wrapped in
 DistributedDataParallel as `train()` does (a world of one), and fed one real batch of the built-in shapes
@@ -46,6 +46,7 @@ Run:
     python benchmark.py --model ViT-B/16 --precision bf16 --batch-size 256 --json bench.json   # one GPU
     python benchmark.py --model ViT-B/16 --precision bf16 --batch-size 256 --compile --rounds 1
     python benchmark.py --methods clip,open_clip --rounds 5        # our CLIP baseline against open_clip
+    python benchmark.py --model ViT-B/16 --batch-size 256 --methods clip --rounds 1 --profile prof   # where time goes
 
 Hyper-parameters of the rows: the built-in demo's values (the scripts' DEMO) for the tiny model, the paper's
 recipe (RECIPE, as with --train-data) for every other size; `--hparams` overrides. One process only (no
@@ -124,6 +125,10 @@ def parse_args(argv=None):
                                                  "size, at least 64: 256 for 224 px)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", help="write every number to this JSON file")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also profile --steps more steps of each row (first round) with torch.profiler: the operators "
+                        "by self time in DIR/<row>.txt (and on stderr), a Chrome trace in DIR/<row>.json; on CUDA the "
+                        "fraction of the wall time the GPU is busy and the host-device synchronisations of one step")
     args = p.parse_args(argv)
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
@@ -300,7 +305,7 @@ class MethodRow:
         self.scaler = torch.amp.GradScaler(device.type, enabled=margs.precision == "fp16")
         ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(ddp) if margs.compile else ddp
-        self.sums, self.skipped = {}, torch.zeros((), device=device)
+        self.sums, self.skipped = {}, 0
         self.model.train()
 
     def count_flops(self, step):
@@ -324,7 +329,7 @@ class MethodRow:
         mod.after_step(model, self.teacher, step, TOTAL_STEPS, args)
         for k, v in {"loss": loss, **metrics}.items():  # summed on the device, as the main loop does
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
-        self.skipped += self.batch[2].sum().to(self.device)
+        self.skipped += int(self.batch[2].sum())  # on the host, as the main loop counts it
 
 
 class OpenClipRow(MethodRow):
@@ -350,7 +355,7 @@ class OpenClipRow(MethodRow):
         self.scaler = torch.amp.GradScaler(device.type, enabled=margs.precision == "fp16")
         ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(ddp) if margs.compile else ddp
-        self.sums, self.skipped = {}, torch.zeros((), device=device)
+        self.sums, self.skipped = {}, 0
         self.model.train()
         self.mod = _OpenClipHooks(mod, self.loss_fn)
 
@@ -409,6 +414,8 @@ def time_row(row, prepared, res, first, args, device):
     res["seconds"].append((time.perf_counter() - t0) / args.steps)
     res["cpu_seconds"].append((time.process_time() - c0) / args.steps)
     res["peak_bytes"] = max(res["peak_bytes"], peak_memory(device))
+    if first and args.profile:
+        res["profile"] = profile_row(row, runner, step, args, device)
     if not math.isfinite(runner.sums["loss"].item()):  # one host sync per row
         raise SystemExit(f"error: non-finite loss in row {row}; its timings would not be those of training")
 
@@ -449,6 +456,69 @@ def run_rows(rows, args, device, teacher_path):
         res["model_gflops_per_image"] = res["model_flops"] / args.batch_size / 1e9
         res["tflops_per_s"] = res["model_flops"] / median / 1e12
     return results
+
+
+def profile_row(row, runner, step, args, device):
+    """torch.profiler over `args.steps` steps of a warmed-up row. Writes DIR/<row>.txt (a summary and the
+    operators by self device time on CUDA, self CPU time on CPU) and DIR/<row>.json (Chrome trace, for
+    chrome://tracing or Perfetto). On CUDA: `device_busy`, the union of the kernels' time intervals over the
+    wall time (well below 1: the host cannot keep the GPU fed), and `syncs`, the host-device
+    synchronisations that torch.cuda.set_sync_debug_mode reports during one more step (the step should
+    have none), with where they come from."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    os.makedirs(args.profile, exist_ok=True)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            runner.step(step + i)
+        sync(device)
+        wall = time.perf_counter() - t0
+    summary = {"ms_per_step": 1000 * wall / args.steps}
+    if cuda:
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]                  # µs
+        summary["device_busy"] = union_length(kernels) / 1e6 / wall
+        summary.update(count_syncs(runner, step + args.steps, device))
+    lines = [f"{row}: {args.steps} steps profiled, {summary['ms_per_step']:.1f} ms/step under the profiler"]
+    if cuda:
+        lines.append(f"GPU busy {100 * summary['device_busy']:.0f}% of the wall time; host-device synchronisations in "
+                     f"one step: {summary['syncs']}" + "".join(f"\n  at {w}" for w in summary["sync_sites"]))
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    text = "\n".join(lines)
+    with open(os.path.join(args.profile, f"{row}.txt"), "w") as f:
+        f.write(text + "\n")
+    prof.export_chrome_trace(os.path.join(args.profile, f"{row}.json"))
+    print(text, file=sys.stderr, flush=True)
+    return summary
+
+
+def union_length(intervals):
+    """Total length covered by (start, end) intervals, overlaps counted once."""
+    total, covered_to = 0, -math.inf
+    for start, end in sorted(intervals):
+        total += max(0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    return total
+
+
+def count_syncs(runner, step, device):
+    """Host-device synchronisations during one training step, as torch.cuda.set_sync_debug_mode warns of
+    them, and up to 5 distinct places in the Python code that caused them."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            runner.step(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found = [w for w in caught if "synchroniz" in str(w.message)]
+    sites = list(dict.fromkeys(f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0]}"
+                               for w in found))
+    return {"syncs": len(found), "sync_sites": sites[:5]}
 
 
 # ----------------------------------------------------------------------------------------------------

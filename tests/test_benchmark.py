@@ -39,6 +39,23 @@ def test_cli_runs_rows_and_writes_numbers(tmp_path):
         assert d["images_per_s"] > 0
 
 
+def test_profile_writes_the_operator_table_and_a_trace(tmp_path):
+    proc = run_cli("benchmark.py", "--methods", "clip", "--batch-size", 4, "--warmup", 1, "--steps", 1, "--rounds", 1,
+                   "--data-samples", 0, "--threads", 1, "--profile", tmp_path / "prof", "--json", tmp_path / "b.json")
+    text = (tmp_path / "prof" / "clip.txt").read_text()
+    assert text.startswith("clip: 1 steps profiled") and "aten::mm" in text and "Self CPU" in text, text
+    trace = json.loads((tmp_path / "prof" / "clip.json").read_text())
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    assert json.loads((tmp_path / "b.json").read_text())["rows"]["clip"]["profile"]["ms_per_step"] > 0
+    assert "steps profiled" in proc.stderr
+
+
+def test_union_length_counts_overlaps_once():
+    assert benchmark.union_length([]) == 0
+    assert benchmark.union_length([(5, 7), (0, 2), (1, 3), (6, 6.5), (10, 11)]) == 3 + 2 + 1
+    assert benchmark.union_length([(0, 10), (2, 3)]) == 10
+
+
 def tiny_row(row, world1, batch=4):
     args = benchmark.parse_args(["--batch-size", str(batch), "--device", "cpu"])
     mod, margs = benchmark.script_args(row, args, None)
