@@ -350,6 +350,24 @@ def test_cli_smoke_run_and_outputs(tmp_path):
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "--resume" in again.stderr
 
 
+def test_cli_two_processes_under_torchrun_then_resume_on_one(tmp_path):
+    """The real main loop with DDP over two gloo processes (torchrun), and its checkpoint resumed by one."""
+    out = tmp_path / "two"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "maskclip.py", *TINY, "--steps", "2", "--out-dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr and "done: 2 steps" in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # written once, by rank 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    proc = run_cli("maskclip.py", *TINY, "--steps", "3", "--out-dir", out, "--resume")
+    assert "resuming on 1 processes from 2" in proc.stdout + proc.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
 def test_cli_exact_resume(tmp_path):
     """3 steps, stop, resume 3 more (crossing an epoch boundary: 4 steps per epoch) equals 6 straight steps."""
     args = [*TINY, "--save-every", "100"]
