@@ -156,6 +156,19 @@ def check_args(args):
         methods.remove("open_clip")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise common.UsageError("--device cuda was asked for but no GPU is visible; pass --device cpu")
+    if args.json:  # checked now, not after minutes of timing
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise common.UsageError(f"--json {args.json}: cannot write a file there; give a file path in an existing, "
+                                    f"writable folder")
+    if args.profile:
+        try:
+            os.makedirs(args.profile, exist_ok=True)
+        except OSError as e:
+            raise common.UsageError(f"--profile {args.profile}: cannot make that folder ({e.strerror}); give another "
+                                    f"path") from None
+        if not os.access(args.profile, os.W_OK):
+            raise common.UsageError(f"--profile {args.profile}: the folder is not writable; give another path")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise common.UsageError("benchmark.py runs in one process: start it with python, not torchrun")
     return [BASELINE] + [m for m in dict.fromkeys(methods) if m != BASELINE]

@@ -108,6 +108,8 @@ def test_peak_rss_is_reset():
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "clip,bogus"], "--methods: unknown row bogus"),
     (["--model", "ViT-Z", "--steps", "0"], "--model ViT-Z is not a model size"),
+    (["--json", "/nonexistent-folder/bench.json"], "--json /nonexistent-folder/bench.json: cannot write"),
+    (["--profile", os.path.join(ROOT, "README.md")], "cannot make that folder"),
 ])
 def test_bad_input_is_one_line(flags, message):
     proc = run_cli("benchmark.py", *flags, check=False)
