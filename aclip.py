@@ -756,8 +756,8 @@ def simclr_loss(a, b, tau):
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
     all_a, all_b = all_gather_with_grad(a), all_gather_with_grad(b)           # (world·B, d)
     labels = dist.get_rank() * a.shape[0] + torch.arange(a.shape[0], device=a.device)
-    self_mask = F.one_hot(labels, all_a.shape[0]) * 1e9                       # removes i·i from the negatives
-    logits_ab, logits_aa = a @ all_b.t() / tau, a @ all_a.t() / tau - self_mask   # (B, world·B)
+    self_mask = torch.zeros(a.shape[0], all_a.shape[0], device=a.device).scatter_(1, labels[:, None], 1e9)
+    logits_ab, logits_aa = a @ all_b.t() / tau, a @ all_a.t() / tau - self_mask   # (B, world·B), no i·i in aa
     logits_ba, logits_bb = b @ all_a.t() / tau, b @ all_b.t() / tau - self_mask
     loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], 1), labels)    # NT-Xent(a -> b)
     loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], 1), labels)    # NT-Xent(b -> a)

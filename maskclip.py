@@ -660,7 +660,7 @@ def mlm_loss(logits, targets):
     local sum scaled by the world size, so that the ranks' losses, averaged as DDP averages gradients,
     equal the loss of one process on the whole batch."""
     total = F.cross_entropy(logits.float(), targets, reduction="sum")
-    count = torch.tensor(float(targets.numel()), device=logits.device)
+    count = torch.full((), float(targets.numel()), device=logits.device)  # a fill: no host-to-device copy, no sync
     dist.all_reduce(count)
     return total * dist.get_world_size() / count.clamp(min=1)
 

@@ -4,9 +4,11 @@ errors. No timing is asserted."""
 import json
 import math
 import os
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, run_cli
 
@@ -89,6 +91,68 @@ def test_maskclip_teacher_flops_are_counted_once(world1):
     quantizer = 2 * n * d * margs.quant_k
     assert flops.frozen == 4 * (tower + quantizer)
     assert flops.trained > benchmark.analytic_clip_flops(cfg, 4)  # CLIP + the masked and MLM branches
+
+
+# Operators that make the host wait for the device on a GPU: .item()/int()/bool() of a tensor, the
+# operators whose output size depends on the data, and torch.tensor(host data) (lift_fresh), which on a GPU
+# is a blocking copy.
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim",
+            "unique_consecutive", "repeat_interleave", "lift_fresh"}
+HOST_SIDE = {("maskclip.py", "mlm_masking")}  # runs on the loader's host batch, before it moves to the device
+
+
+class SyncOps(TorchDispatchMode):
+    """Records (file, function, operator) of every SYNC_OPS operator, by the innermost project frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func._schema.name.split("::")[-1]
+        if op in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+            op = "boolean-mask indexing"  # a data-dependent size: a nonzero() inside the kernel
+        if op in SYNC_OPS or op == "boolean-mask indexing":
+            frames = [f for f in traceback.extract_stack() if f.filename.startswith(ROOT) and "tests" not in f.filename]
+            where = (os.path.basename(frames[-1].filename), frames[-1].name) if frames else ("?", "?")
+            self.found.add((*where, op))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("row", ["clip", "maskclip", "aclip", "aclip-eff", "silc", "silc-sigmoid", "milan",
+                                 "maskdistill"])
+def test_training_step_has_no_host_syncs(row, world1, tmp_path):
+    """The whole step (train_step, backward_and_step, after_step) runs no operator that would make the
+    host wait for a GPU, except on the host's own batch."""
+    args = benchmark.parse_args(["--batch-size", "4", "--device", "cpu"])
+    teacher = benchmark.write_teacher(str(tmp_path), args) if row in ("milan", "maskdistill") else None
+    mod, margs = benchmark.script_args(row, args, teacher)
+    device = torch.device("cpu")
+    runner = benchmark.MethodRow(mod, margs, benchmark.make_batch(mod, margs, mod.model_config(margs), device), device)
+    runner.step(1)
+    recorder = SyncOps()
+    with recorder:
+        with mod.autocast(device, margs.precision):
+            loss, metrics = mod.train_step(runner.forward, runner.model, runner.teacher, runner.batch, 2, 100, margs,
+                                           device)
+        mod.backward_and_step(loss, runner.model, runner.optimizer, runner.scaler, margs.grad_clip)
+        mod.after_step(runner.model, runner.teacher, 2, 100, margs)
+    assert {f for f in recorder.found if f[:2] not in HOST_SIDE} == set()
+    assert all(torch.isfinite(v) for v in [loss, *metrics.values()])
+
+
+def test_sync_recorder_sees_item_and_boolean_masks():
+    recorder = SyncOps()
+    x = torch.randn(5)
+    with recorder:
+        x.sum().item()
+        x[x > 0]
+        x[x > 0] = 0
+        x.nonzero()
+        torch.tensor(1.0)
+    assert {op for *_, op in recorder.found} == {"_local_scalar_dense", "boolean-mask indexing", "nonzero",
+                                                 "lift_fresh"}
 
 
 def test_peak_rss_is_reset():
