@@ -296,22 +296,18 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, cls_attention=False):
+        """(B, N, D) -> (B, N, D). With cls_attention=True also returns the attention probabilities of the
+        first ([CLS]) query over all N keys, averaged over heads: (B, N), from the same q and k."""
         B, N, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)                   # (B, N, 3D)
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, D/H)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)               # (B, H, N, D/H)
-        return self.out_proj(x.transpose(1, 2).reshape(B, N, D))                    # (B, N, D)
-
-    def cls_attention(self, x):
-        """Attention probabilities of the first ([CLS]) query over all N keys, averaged over heads: (B, N)."""
-        B, N, D = x.shape
-        w_q, w_k, _ = self.in_proj_weight.chunk(3)
-        b_q, b_k, _ = self.in_proj_bias.chunk(3)
-        q = F.linear(x[:, :1], w_q, b_q).view(B, 1, self.heads, -1).transpose(1, 2)  # (B, H, 1, D/H)
-        k = F.linear(x, w_k, b_k).view(B, N, self.heads, -1).transpose(1, 2)         # (B, H, N, D/H)
-        attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                      # (B, H, 1, N)
-        return attn.float().softmax(-1).mean(1)[:, 0]                               # (B, N)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)             # (B, H, N, D/H)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, N, D))                   # (B, N, D)
+        if not cls_attention:
+            return out
+        attn = (q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5            # (B, H, 1, N)
+        return out, attn.float().softmax(-1).mean(1)[:, 0]                          # (B, N, D), (B, N)
 
 
 class MLP(nn.Module):
@@ -335,9 +331,13 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), act)
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, causal=False, cls_attention=False):
+        """(B, N, D) -> (B, N, D), and the [CLS] attention row (B, N) with cls_attention=True (see Attention)."""
+        h = self.attn(self.ln_1(x), causal, cls_attention)
+        h, row = h if cls_attention else (h, None)
+        x = x + h
+        x = x + self.mlp(self.ln_2(x))
+        return (x, row) if cls_attention else x
 
 
 class Transformer(nn.Module):
@@ -352,12 +352,13 @@ class Transformer(nn.Module):
         row, averaged over heads: (layers, B, N)."""
         maps = []
         for block in self.resblocks:
-            if cls_attention:
-                maps.append(block.attn.cls_attention(block.ln_1(x)))
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, cls_attention, use_reentrant=False)
             else:
-                x = block(x, causal)
+                x = block(x, causal, cls_attention)
+            if cls_attention:
+                x, row = x
+                maps.append(row)
         return (x, torch.stack(maps)) if cls_attention else x
 
 
