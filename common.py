@@ -24,24 +24,36 @@ sample inside good data (a corrupt or missing image, an incomplete tar sample) i
 skipped with a rate-limited `DataWarning`, counted in `skipped`, and replaced so that batches keep their
 size. Images are decoded by `open_image`, which refuses decompression bombs and truncated files.
 """
+import argparse
+import contextlib
 import csv
 import gzip
 import html
 import io
+import json
 import math
 import os
+import pickle
+import platform
 import random
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 import urllib.request
 import warnings
+import zipfile
 from functools import lru_cache
 
 import ftfy
 import numpy as np
 import regex
 import torch
+import torch.distributed as dist
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer (OpenAI CLIP's byte-level BPE)
@@ -1311,3 +1323,744 @@ IMAGENET_CLASSNAMES = (
     "horse chestnut seed|coral fungus|agaric|gyromitra|stinkhorn mushroom|earth star fungus|"
     "hen of the woods mushroom|bolete|corn cob|toilet paper"
 ).split("|")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model sizes
+# ----------------------------------------------------------------------------------------------------
+# Image tower: image size, patch, width, layers, heads. Text tower: context, width, layers, heads.
+# embed_dim: the joint embedding. Every head is 64 wide except ViT-H's image heads (80), as in open_clip.
+MODELS = {
+    "tiny": dict(image_size=32, patch_size=8, width=128, layers=4, heads=2,
+                 context_length=24, text_width=128, text_layers=2, text_heads=2, embed_dim=128),
+    "ViT-S/16": dict(image_size=224, patch_size=16, width=384, layers=12, heads=6,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-B/16": dict(image_size=224, patch_size=16, width=768, layers=12, heads=12,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-B/32": dict(image_size=224, patch_size=32, width=768, layers=12, heads=12,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-L/14": dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16,
+                     context_length=77, text_width=768, text_layers=12, text_heads=12, embed_dim=768),
+    "ViT-L/16": dict(image_size=224, patch_size=16, width=1024, layers=24, heads=16,
+                     context_length=77, text_width=768, text_layers=12, text_heads=12, embed_dim=768),
+    "ViT-H/14": dict(image_size=224, patch_size=14, width=1280, layers=32, heads=16,
+                     context_length=77, text_width=1024, text_layers=24, text_heads=16, embed_dim=1024),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: the flags every method script shares
+# ----------------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' after each flag, except where X is None or False: there the help text itself
+    says what happens by default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser(description, method, kind):
+    """The flags every method script shares, in groups: data, model, optimisation, system. Image-only
+    scripts (kind 'image') get no caption, CSV, tar or context-length flags. The method adds its own
+    group; `parse_with_defaults` then fills in the recipe's or the demo's defaults."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    g = p.add_argument_group("data")
+    if kind == "image-text":
+        g.add_argument("--train-data", help="image-text CSV/TSV, tar shards ('dir/{00000..00099}.tar', several "
+                                            "sources joined by '::'); default: the built-in shapes")
+        g.add_argument("--train-num-samples", type=int, help="samples per epoch of tar shards (required for tar)")
+        g.add_argument("--dataset-resampled", action="store_true", help="draw tar shards with replacement")
+        g.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths")
+        g.add_argument("--csv-caption-key", default="title", help="CSV column of captions")
+        g.add_argument("--csv-separator", default="\t", help="CSV separator")
+    else:
+        g.add_argument("--train-data", help="an ImageFolder directory (root/<class>/<image>); "
+                                            "default: the built-in shapes")
+    g.add_argument("--builtin-samples", type=int, help="samples per epoch of the built-in data")
+    g.add_argument("--imagenet-val", help="ImageNet-style val folder for the periodic evaluation "
+                                          "(default: the built-in held-out set)")
+    g.add_argument("--workers", type=int, help="data-loading processes per rank")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(MODELS), help="model size")
+    g.add_argument("--act", choices=["quickgelu", "gelu"], help="MLP activation")
+    if kind == "image-text":
+        g.add_argument("--context-length", type=int, help="text tokens (default: the model size's)")
+    g.add_argument("--norm", choices=list(NORMS), help="pixel normalisation constants")
+    g.add_argument("--crop-scale", type=float, help="smallest area fraction of the random training crop")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="epochs")
+    g.add_argument("--steps", type=int, help="stop after this many steps in all (default: epochs × steps per epoch)")
+    g.add_argument("--batch-size", type=int, help="global batch over all ranks")
+    g.add_argument("--lr", type=float, help="peak learning rate (for the global batch, no scaling)")
+    g.add_argument("--lr-start", type=float, help="learning rate at the start of the linear warm-up")
+    g.add_argument("--lr-end", type=float, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length, per step")
+    g.add_argument("--wd", type=float, help="AdamW weight decay")
+    g.add_argument("--beta1", type=float, help="AdamW β1")
+    g.add_argument("--beta2", type=float, help="AdamW β2")
+    g.add_argument("--eps", type=float, help="AdamW ε")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0 = off)")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=f"runs/{method}", help="output folder: checkpoint, exports, logs")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a GradScaler")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    g.add_argument("--log-every", type=int, default=20, help="steps between log lines (and host syncs)")
+    g.add_argument("--eval-every", type=float, help="epochs between evaluations (0 = only at the end)")
+    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
+    return p
+
+
+def parse_with_defaults(p, argv, recipe, demo):
+    """Parse argv with the paper's recipe as the defaults when --train-data is given, and the built-in demo's
+    values (demo over recipe) otherwise, so that `--help` shows the defaults that apply: `script.py --help`
+    the demo's, `script.py --train-data x --help` the recipe's. An explicit flag always wins."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    real_data = any(a == "--train-data" or a.startswith("--train-data=") for a in argv)
+    p.set_defaults(**(recipe if real_data else {**recipe, **demo}))
+    args = p.parse_args(argv)
+    if getattr(args, "context_length", 0) is None:
+        args.context_length = MODELS[args.model]["context_length"]
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def train_loader(args, *, transform, kind, rank, world_size):
+    """`make_train_loader` with the data flags of `make_parser` (the image-text ones where the script has them)."""
+    text = dict(context_length=args.context_length, csv_img_key=args.csv_img_key, num_samples=args.train_num_samples,
+                csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
+                resampled=args.dataset_resampled) if kind == "image-text" else {}
+    return make_train_loader(args.train_data, transform=transform, kind=kind, batch_size=args.batch_size // world_size,
+                             rank=rank, world_size=world_size, seed=args.seed, num_workers=args.workers,
+                             builtin_length=args.builtin_samples or 100_000, **text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed set-up and precision
+# ----------------------------------------------------------------------------------------------------
+def setup_distributed(device):
+    """One process group in every case: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR are
+    set, one or many nodes) and as plain `python script.py` (a world of one). Collectives then need no
+    `if distributed` branches. gloo on CPU, nccl on CUDA. Returns (rank, world size, device)."""
+    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    world = max(world, 1)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no GPU is visible; pass --device cpu")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def rank_world():
+    """(rank, world size), (0, 1) when no process group exists."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce(x):
+    """dist.all_reduce (sum, in place) where a process group exists; a world of one needs nothing."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def is_main():
+    return rank_world()[0] == 0
+
+
+def print0(*args):
+    """print on the global rank 0 only (builtins.print is left alone)."""
+    if is_main():
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def to_device(batch, device):
+    """Tensors, possibly nested in tuples or lists, to the device (asynchronously from pinned memory)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(x, device) for x in batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight files: checkpoints, exports, OpenAI TorchScript archives, OpenAI / open_clip state dicts
+# ----------------------------------------------------------------------------------------------------
+OPENAI_PREFIXES = ("visual.", "token_embedding.", "positional_embedding", "transformer.", "ln_final.",
+                   "text_projection", "logit_scale")
+ACCEPTED = ("a checkpoint.pt or export written by maskclip.py, aclip.py or silc.py, an OpenAI CLIP "
+            "TorchScript archive, or an OpenAI/open_clip ViT state dict")
+
+
+def is_torchscript(path):
+    """A TorchScript archive: a zip with a code/ folder."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
+def read_weights_file(path):
+    """torch.load(weights_only=True) for pickled checkpoints; OpenAI's TorchScript archives are read for
+    their tensors only by read_torchscript_tensors (no TorchScript code is compiled or run)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} does not exist; expected {ACCEPTED}")
+    if is_torchscript(path):
+        return read_torchscript_tensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, a pickle of arbitrary objects, not a torch file at all
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path} is not a readable checkpoint ({reason}); expected {ACCEPTED}") from None
+
+
+STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                  "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+
+
+class _ScriptObject:
+    """Stands in for every TorchScript module class while unpickling: keeps the attributes, runs nothing."""
+    state = {}
+
+    def __setstate__(self, state):
+        self.state = state if isinstance(state, dict) else {}
+
+
+def read_torchscript_tensors(path):
+    """The parameters and buffers of a TorchScript archive (OpenAI's CLIP .pt files) as a flat state dict.
+    Only `data.pkl` is unpickled, by an unpickler that resolves nothing but tensor rebuilding and stands
+    in a plain object for every module class; the archive's code/ folder is never read or executed."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        root = names[0].split("/")[0]
+        data_pkl = next((n for n in names if n == f"{root}/data.pkl"), None)
+        if data_pkl is None:
+            raise UsageError(f"{path} is a zip without data.pkl; expected {ACCEPTED}")
+
+        def storage(key, dtype):
+            raw = bytearray(z.read(f"{root}/data/{key}"))
+            return torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module.startswith("__torch__"):
+                    return _ScriptObject
+                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                    return _rebuild_tensor
+                if (module, name) == ("torch._utils", "_rebuild_parameter"):
+                    return lambda data, *unused: data
+                if (module, name) == ("collections", "OrderedDict"):
+                    return dict
+                if module == "torch" and name in STORAGE_DTYPES:
+                    return STORAGE_DTYPES[name]
+                if module == "torch.jit._pickle" and (name == "restore_type_tag" or name.startswith("build_")):
+                    return lambda value, *unused: value  # type tags and list wrappers: plain data
+                raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+            def persistent_load(self, pid):  # ('storage', dtype from find_class, key, location, numel)
+                return storage(pid[2], pid[1])
+
+        try:
+            obj = Unpickler(z.open(data_pkl)).load()
+        except Exception as e:
+            raise UsageError(f"{path}: cannot read its tensors ({e}); expected {ACCEPTED}") from None
+    out = {}
+
+    def walk(o, prefix):
+        for k, v in (o.state if isinstance(o, _ScriptObject) else {}).items():
+            if isinstance(v, torch.Tensor):
+                out[prefix + k] = v
+            elif isinstance(v, _ScriptObject):
+                walk(v, prefix + k + ".")
+    walk(obj, "")
+    return out
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    return torch.as_strided(storage, size, stride, offset).clone()
+
+
+def openai_state_dict(path, obj=None):
+    """An OpenAI-layout CLIP state dict from any accepted file (or from `obj`, the file already read by
+    read_weights_file), plus whatever the file says about itself (architecture, activation,
+    normalisation). Returns (state_dict, info)."""
+    obj = read_weights_file(path) if obj is None else obj
+    info = {}
+    if isinstance(obj, dict) and "model" in obj and "method" in obj:        # our training checkpoint
+        info = {"config": obj["config"], "method": obj["method"], "norm": obj["args"].get("norm")}
+        obj = {k: v for k, v in obj["model"].items() if k.startswith(OPENAI_PREFIXES)}
+    elif isinstance(obj, dict) and "state_dict" in obj:                     # our export, or open_clip's
+        info = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(f"{path} holds no state dict of tensors; expected {ACCEPTED}")
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    for extra in ("input_resolution", "context_length", "vocab_size"):      # entries of OpenAI's archives
+        sd.pop(extra, None)
+    sd = {k: v for k, v in sd.items() if k.split(".")[-1] != "attn_mask"}   # causal masks saved by TorchScript
+    if "visual.conv1.weight" not in sd:
+        raise UsageError(f"{path} has no CLIP ViT image tower (no visual.conv1.weight); expected {ACCEPTED}")
+    return sd, info
+
+
+def clip_config_from_state_dict(sd, act="quickgelu"):
+    """The architecture, read off the tensor shapes as OpenAI's build_model does. Heads are width / 64
+    (width / 80 for a 1280-wide ViT-H image tower, as in open_clip)."""
+    def count(prefix):
+        return len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix + ".")})
+    width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    cfg = dict(image_size=grid * patch, patch_size=patch, width=width, layers=count("visual.transformer.resblocks"),
+               heads=width // (80 if width == 1280 else 64), act=act)
+    if "token_embedding.weight" in sd:
+        text_width = sd["ln_final.weight"].shape[0]
+        cfg.update(context_length=sd["positional_embedding"].shape[0], text_width=text_width,
+                   text_layers=count("transformer.resblocks"), text_heads=text_width // 64,
+                   embed_dim=sd["text_projection"].shape[1])
+    return cfg
+
+
+def load_strict(module, sd, path, what):
+    """load_state_dict(strict=True), with a one-line UsageError naming what does not match."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise UsageError(f"{path} does not match {what} ({len(missing)} missing keys, e.g. {missing[:2]}; "
+                         f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}; {len(wrong)} of another "
+                         f"shape, e.g. {wrong[:2]}); use the flags it was made with, or another file")
+    module.load_state_dict(sd, strict=True)
+
+
+def load_clip(path, clip_class, vit_class, act=None, device="cpu", obj=None):
+    """A CLIP (`clip_class`), or for an image-only file its image tower (`vit_class`, as `.visual` of an
+    empty module), from any accepted file, with strict key and shape checks. `obj`: the file already read
+    by read_weights_file. Returns (module, info) with info["config"] the architecture."""
+    sd, info = openai_state_dict(path, obj)
+    cfg = info.get("config") or clip_config_from_state_dict(sd, act or info.get("act", "quickgelu"))
+    cfg = dict(cfg, act=act or cfg.get("act", "quickgelu"))
+    if "token_embedding.weight" in sd:
+        model = clip_class(**cfg)
+    else:
+        model = torch.nn.Module()
+        model.visual = vit_class(cfg["image_size"], cfg["patch_size"], cfg["width"], cfg["layers"],
+                                 cfg["heads"], sd["visual.proj"].shape[1], cfg["act"])
+    load_strict(model, sd, path, "a CLIP ViT")
+    return model.to(device).eval(), dict(info, config=cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: atomic saves, random states, exact resume
+# ----------------------------------------------------------------------------------------------------
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """This process's random states as tensors and plain lists (loadable with weights_only=True)."""
+    v, state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "python": [v, list(state), gauss]}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def plain(obj):
+    """Arguments as plain JSON-able types (tuples become lists)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def trained(teacher):
+    """An EMA teacher changes during training and is saved; a frozen one (`frozen = True`, a CLIP loaded
+    from --teacher) is read from its file again on resume."""
+    return teacher is not None and not getattr(teacher, "frozen", False)
+
+
+def load_checkpoint(path):
+    """Our checkpoint, read with weights_only=True (no code runs). A bad file is a one-line UsageError."""
+    ckpt = read_weights_file(path)
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "method" in ckpt):
+        raise UsageError(f"{path} is not a training checkpoint of this project; expected {ACCEPTED}")
+    return ckpt
+
+
+def open_run(args, method, cfg, world):
+    """The checkpoint path of this run and, with --resume, the checkpoint to continue from (else None),
+    after the start-up checks: batch divisible by the ranks, --resume only with a checkpoint, no
+    checkpoint overwritten without --resume, the same method and architecture."""
+    path = os.path.join(args.out_dir, "checkpoint.pt")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if args.resume and not os.path.exists(path):
+        raise UsageError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+    if not args.resume and os.path.exists(path):
+        raise UsageError(f"{path} exists; pass --resume to continue that run or --out-dir for a new one")
+    ckpt = load_checkpoint(path) if args.resume else None
+    if ckpt is not None and (ckpt["method"], ckpt["config"]) != (method, plain(cfg)):
+        raise UsageError(f"{path} is a {ckpt['method']} checkpoint of {ckpt['config']}, not {method} "
+                         f"of {cfg}; resume with the same --model and flags, or use another --out-dir")
+    return path, ckpt
+
+
+def save_checkpoint(path, *, method, cfg, args, step, model, teacher, optimizer, scaler):
+    """Everything needed to continue exactly: weights (of the unwrapped model), EMA teacher, optimizer,
+    grad scaler, step (which fixes the data position), every rank's RNG states, arguments and config.
+    Only tensors and plain Python types, so that it loads with torch.load(weights_only=True)."""
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())  # between our own processes
+    if not is_main():
+        return
+    save_atomic({"method": method, "config": cfg, "args": plain(vars(args)), "step": step,
+                 "model": model.state_dict(), "teacher": teacher.state_dict() if trained(teacher) else None,
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "rng": states, "world_size": dist.get_world_size()}, path)
+
+
+def restore(ckpt, path, *, method, model, teacher, optimizer, scaler, rank, world, seed):
+    """Loads a checkpoint from open_run into the run's objects and returns its step (0 without one). Then
+    seeds this rank's randomness (masks, drop paths) from here on: the saved states of the same number of
+    ranks, else afresh from (seed, step, rank)."""
+    if ckpt is None:
+        torch.manual_seed(seed + rank)  # per-rank randomness from here on
+        return 0
+    load_strict(model, ckpt["model"], path, f"this {method} model")
+    if trained(teacher):
+        load_strict(teacher, ckpt["teacher"] or {}, path, f"this {method} teacher")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["world_size"] == world:
+        set_rng_state(ckpt["rng"][rank])
+    else:
+        print0(f"resuming on {world} processes from {ckpt['world_size']}: random states start afresh")
+        torch.manual_seed(seed + 1000 * ckpt["step"] + rank)
+    return ckpt["step"]
+
+
+def export_weights(path, sd, cfg, *, norm, method, weights):
+    """An OpenAI-layout state dict, under 'state_dict' (open_clip's loader reads that key) with what the
+    file needs to describe itself: the architecture, activation and pixel normalisation."""
+    mean, std = NORMS[norm]
+    save_atomic({"state_dict": sd, "config": cfg, "act": cfg["act"], "image_mean": list(mean),
+                 "image_std": list(std), "norm": norm, "method": method, "weights": weights}, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run records: provenance, the metrics log
+# ----------------------------------------------------------------------------------------------------
+def write_provenance(out_dir, args, world, script):
+    """The resolved arguments, the code (the script and this file), the git revision and the environment."""
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
+                                  cwd=os.path.dirname(os.path.abspath(script))).stdout.strip()
+        except Exception:
+            return ""
+    with open(os.path.join(out_dir, "args.json"), "w") as f:
+        json.dump(plain(vars(args)), f, indent=1)
+    env = {"git_revision": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+           "command": " ".join(sys.argv), "python": sys.version.split()[0], "torch": torch.__version__,
+           "cuda": torch.version.cuda, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+           "world_size": world, "host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(os.path.join(out_dir, "env.json"), "w") as f:
+        json.dump(env, f, indent=1)
+    os.makedirs(os.path.join(out_dir, "code"), exist_ok=True)
+    for src in (os.path.abspath(script), os.path.abspath(__file__)):
+        with open(src) as f_in, open(os.path.join(out_dir, "code", os.path.basename(src)), "w") as f_out:
+            f_out.write(f_in.read())
+
+
+class MetricLog:
+    """The training log. Metrics are summed on the device between log steps (no host sync per step), the
+    unreadable-sample count on the host; `flush` all-reduces them once per log step with the SIGTERM flag
+    (so that every rank agrees to stop), writes a line to metrics.jsonl and the progress bar, and stops
+    the run on a non-finite loss. SIGTERM is caught from construction to `close`."""
+
+    def __init__(self, out_dir, desc, *, world, device, batch_size, steps_per_epoch, total, step, ckpt_path):
+        self.path, self.ckpt_path = os.path.join(out_dir, "metrics.jsonl"), ckpt_path
+        self.world, self.device, self.batch_size, self.steps_per_epoch = world, device, batch_size, steps_per_epoch
+        self.sums, self.skipped, self.skipped_all, self.signal, self.stopping = {}, 0, 0, False, False
+        self.last_time, self.last_step = time.time(), step
+        self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signal", True))
+        self.pbar = tqdm(total=total, initial=step, disable=not is_main(), dynamic_ncols=True, desc=desc)
+
+    def add(self, metrics, skipped):
+        """metrics: {name: device scalar} of one step; skipped: the batch's (B,) host count of unreadable samples."""
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.skipped += int(skipped.sum())  # a host tensor: no copy to the device, no sync
+
+    def flush(self, step, lr, model):
+        keys = sorted(self.sums)
+        host = torch.tensor([float(self.skipped), float(self.signal)], device=self.device)
+        values = torch.cat([torch.stack([self.sums[k] for k in keys]), host])
+        dist.all_reduce(values)  # one host sync per log interval
+        values = values.tolist()
+        n = (step - self.last_step) * self.world
+        record = {k: v / n for k, v in zip(keys, values)}
+        finite = all(math.isfinite(v) for v in record.values())
+        self.stopping = values[-1] > 0  # agreed by every rank
+        self.skipped_all = int(values[-2])
+        now = time.time()
+        record.update(step=step, epoch=step / self.steps_per_epoch, lr=lr, logit_scale=model.logit_scale.exp().item()
+                      if hasattr(model, "logit_scale") else None, skipped_samples=self.skipped_all,
+                      images_per_s=(step - self.last_step) * self.batch_size / (now - self.last_time))
+        if is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.pbar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
+            self.pbar.update(step - self.last_step)
+        self.sums, self.last_time, self.last_step = {}, now, step
+        if not finite:
+            raise SystemExit(f"error: non-finite loss at step {step} ({record}); the last good checkpoint "
+                             f"{self.ckpt_path} is kept. Lower --lr, or use --precision bf16 instead of fp16.")
+
+    def eval(self, step, results):
+        if is_main():
+            print0(f"eval at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "eval": results}) + "\n")
+
+    def close(self):
+        self.pbar.close()
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation helpers: zero-shot classification, features, k-NN, zero-shot segmentation
+# ----------------------------------------------------------------------------------------------------
+def eval_dataset(image_size, norm, imagenet_val=None, target="label"):
+    """The held-out set, its class names and templates: `imagenet_val` (an ImageNet-style val folder) if
+    given, else the built-in shapes' held-out split."""
+    mean, std = NORMS[norm]
+    transform = EvalTransform(image_size, mean, std)
+    if imagenet_val:
+        return ImageFolder(imagenet_val, transform), IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    ds = Shapes("val", length=2048, transform=transform, target=target)
+    return ds, ds.classnames, ds.templates
+
+
+def zero_shot_setup(encode_text, *, image_size, norm, imagenet_val, context_length, workers, device):
+    """The zero-shot classifier of the held-out set's classes and a loader of this rank's slice of it."""
+    dataset, classnames, templates = eval_dataset(image_size, norm, imagenet_val)
+    if len(classnames) != len(getattr(dataset, "classes", classnames)):
+        raise UsageError(f"{imagenet_val} has {len(dataset.classes)} class folders but there are "
+                         f"{len(classnames)} class names; point --imagenet-val at a 1000-class val folder")
+    classifier = zero_shot_classifier(encode_text, classnames, templates, context_length, device)
+    rank, world = rank_world()
+    return classifier, eval_loader(dataset, 256, rank, world, workers)
+
+
+@torch.no_grad()
+def zero_shot_classifier(encode_text, classnames, templates, context_length, device):
+    """(C, E) class embeddings: for each class, normalise each template's text embedding, average over the
+    templates, renormalise (OpenAI's protocol)."""
+    weights = []
+    for name in classnames:
+        tokens = tokenize([t.format(name) for t in templates], context_length).to(device)
+        emb = torch.nn.functional.normalize(encode_text(tokens).float(), dim=-1).mean(0)
+        weights.append(torch.nn.functional.normalize(emb, dim=0))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(encode_image, classifier, loader, device):
+    """Top-1 and top-5 accuracy (%) over an evaluation set split across ranks; counts are all-reduced."""
+    counts = torch.zeros(3, device=device)  # correct@1, correct@5, total
+    for images, labels, _ in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):
+            logits = torch.nn.functional.normalize(encode_image(images).float(), dim=-1) @ classifier.t()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=-1).indices
+        counts += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(-1).sum(),
+                               torch.tensor(labels.numel(), device=device)]).float()
+    all_reduce(counts)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+@torch.no_grad()
+def extract_features(encode, loader, device):
+    """Features and labels of an evaluation set split across ranks, gathered on every rank: (n, D), (n,)."""
+    feats, labels = [], []
+    for images, y, _ in loader:
+        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):
+            feats.append(encode(images.to(device)).float())
+        labels.append(y.to(device))
+    return gather_uneven(torch.cat(feats)), gather_uneven(torch.cat(labels))
+
+
+def gather_uneven(x):
+    """all_gather for tensors whose first dimension differs between ranks (no gradient)."""
+    if rank_world()[1] == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = max(int(s) for s in sizes)
+    padded = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, temperature=0.07):
+    """DINO's weighted k-NN: cosine similarity, the k nearest training features vote for their class with
+    weight exp(sim / T). Returns top-1 (%)."""
+    F = torch.nn.functional
+    train_feats, test_feats = F.normalize(train_feats, dim=-1), F.normalize(test_feats, dim=-1)
+    correct = 0
+    for i in range(0, test_feats.shape[0], 256):
+        sim = test_feats[i:i + 256] @ train_feats.t()                        # (b, n_train)
+        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=-1)            # (b, k)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        correct += (votes.argmax(-1) == test_labels[i:i + 256]).sum().item()
+    return 100 * correct / test_feats.shape[0]
+
+
+def check_knn_data(train_data, imagenet_val):
+    """At start-up: --imagenet-val needs an ImageFolder --train-data with the same classes for the k-NN."""
+    if imagenet_val and not (train_data and os.path.isdir(train_data)):
+        raise UsageError(f"--imagenet-val {imagenet_val}: the k-NN evaluation takes its training "
+                         f"features from an ImageFolder --train-data with the same classes; give one, or "
+                         f"drop --imagenet-val")
+    if imagenet_val and not os.path.isdir(imagenet_val):
+        raise UsageError(f"--imagenet-val {imagenet_val} is not a folder; give an ImageFolder "
+                         f"(root/<class>/<image>) of held-out images")
+
+
+def knn_datasets(*, image_size, norm, train_data, imagenet_val, samples):
+    """The k-NN's training set (`samples` images), held-out set and number of classes: the built-in
+    shapes' train and held-out splits, or, with imagenet_val, evenly spaced images of the train_data
+    ImageFolder against the imagenet_val folder."""
+    mean, std = NORMS[norm]
+    transform = EvalTransform(image_size, mean, std)
+    test, classnames, _ = eval_dataset(image_size, norm, imagenet_val)
+    if not imagenet_val:
+        return Shapes("train", length=samples, transform=transform, target="label"), test, len(classnames)
+    full = ImageFolder(train_data, transform)
+    if full.classes != test.classes:
+        raise UsageError(f"--train-data {train_data} and --imagenet-val {imagenet_val} have "
+                         f"different class folders; the k-NN needs the same classes in both")
+    index = torch.linspace(0, len(full) - 1, min(samples, len(full))).round().long().unique()
+    return torch.utils.data.Subset(full, index.tolist()), test, len(test.classes)
+
+
+@torch.no_grad()
+def segmentation_confusion(dense, classifier, n_background, grid, masks, bg_threshold=0.0):
+    """(1 + C, 1 + C) confusion counts (rows: truth, columns: prediction; 0 = background) of one batch.
+    dense: (B, N, E) patch embeddings, N = gh·gw for grid = (gh, gw); classifier: (n_background + C, E)
+    normalised prompt embeddings, background prompts first; masks: (B, h, w) labels, 255 = ignored. A pixel
+    is background when a background prompt wins the argmax, or when its best class probability,
+    softmax(100·cos) over the classes, is below bg_threshold."""
+    F = torch.nn.functional
+    B = dense.shape[0]
+    n = classifier.shape[0] - n_background + 1                                 # 1 + C
+    gh, gw = grid
+    cos = F.normalize(dense.float(), dim=-1) @ classifier.t()                  # (B, N, nb + C)
+    cos = cos.transpose(1, 2).reshape(B, -1, gh, gw)                           # (B, nb + C, gh, gw)
+    cos = F.interpolate(cos, size=masks.shape[-2:], mode="bilinear", align_corners=False)  # (B, nb + C, h, w)
+    pred = (cos.argmax(1) - n_background + 1).clamp(min=0)                    # (B, h, w): any background -> 0
+    if bg_threshold > 0:
+        prob = (100 * cos[:, n_background:]).softmax(1).amax(1)                # (B, h, w) best class probability
+        pred = torch.where(prob < bg_threshold, 0, pred)
+    cell = torch.where(masks == 255, n * n, masks * n + pred)                  # ignored pixels -> extra bin
+    return torch.bincount(cell.flatten(), minlength=n * n + 1)[: n * n].view(n, n)
+
+
+def miou(confusion):
+    """(mIoU %, pixel accuracy %) over the classes present in the truth or the prediction."""
+    confusion = confusion.double()
+    inter = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    return (100 * (inter[union > 0] / union[union > 0]).mean()).item(), (100 * inter.sum() / confusion.sum()).item()
+
+
+@torch.no_grad()
+def shapes_segmentation_classifier(encode_text, context_length, device, classes=None):
+    """(8 + C, E): the 8 background prompts ('a photo of a gray background.', one per background colour of the
+    built-in shapes, over the shapes' templates) then the C = 64 class embeddings (`classes` if already built),
+    each template-averaged."""
+    backgrounds = [f"{name} background" for name in BACKGROUNDS]
+    if classes is None:
+        classes = zero_shot_classifier(encode_text, SHAPE_CLASSNAMES, SHAPE_TEMPLATES, context_length, device)
+    return torch.cat([zero_shot_classifier(encode_text, backgrounds, SHAPE_TEMPLATES, context_length, device),
+                      classes])
+
+
+@torch.no_grad()
+def shapes_segmentation(encode_dense, classifier, *, image_size, patch_size, norm, device, n_images=512):
+    """Zero-shot segmentation mIoU (%) on the first n_images built-in held-out images (one shape each, split
+    across ranks): cosine of every patch feature with the 8 background prompts and the 64 class embeddings
+    (`shapes_segmentation_classifier`), upsampled to the 64 px mask, per-pixel argmax; a pixel is background
+    when a background prompt wins."""
+    mean, std = NORMS[norm]
+    transform, data = EvalTransform(image_size, mean, std), Shapes("val", length=n_images)
+    rank, world = rank_world()
+    mine = list(range(rank, n_images, world))
+    n = 1 + len(SHAPE_CLASSNAMES)
+    confusion = torch.zeros(n, n, dtype=torch.long, device=device)
+    for i in range(0, len(mine), 128):
+        samples = [data.sample(j) for j in mine[i:i + 128]]
+        images = torch.stack([transform(s[0]) for s in samples]).to(device)   # (b, 3, S, S)
+        masks = torch.stack([torch.tensor(s[3]) for s in samples]).to(device)     # (b, 64, 64)
+        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):
+            dense = encode_dense(images)                                       # (b, N, E)
+        grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+        confusion += segmentation_confusion(dense, classifier, len(BACKGROUNDS), grid, masks)
+    all_reduce(confusion)
+    return miou(confusion)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Augmentation shared by several methods
+# ----------------------------------------------------------------------------------------------------
+def photometric(img, rng, blur=0.5, solarize=0.0):
+    """BYOL/DINO-style photometric augmentation of a PIL image, every draw from `rng`: ColorJitter(0.4, 0.4,
+    0.2, 0.1) with p 0.8 (its four operations in random order), grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2]
+    px with p `blur`, solarize at 128 with p `solarize` (no draw when 0). DINO's local crops: blur 0.5;
+    SLIP's (and A-CLIP's) augmented views: blur 0.1, solarize 0.2."""
+    if rng.random() < 0.8:
+        ops = [(TF.adjust_brightness, rng.uniform(0.6, 1.4)), (TF.adjust_contrast, rng.uniform(0.6, 1.4)),
+               (TF.adjust_saturation, rng.uniform(0.8, 1.2)), (TF.adjust_hue, rng.uniform(-0.1, 0.1))]
+        rng.shuffle(ops)
+        for op, factor in ops:
+            img = op(img, factor)
+    if rng.random() < 0.2:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if rng.random() < blur:
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if solarize and rng.random() < solarize:
+        img = ImageOps.solarize(img, 128)
+    return img
