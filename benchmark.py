@@ -1,20 +1,21 @@
 """benchmark.py: training-step speed, memory and model FLOPs utilisation of every method, in one process.
 
-For each method (a row) at one model size, batch and precision, it times the whole training step as the
-scripts' shared main loop runs it: `train_step` under the script's autocast, backward (through the GradScaler
-with fp16), gradient clipping where the recipe has it, the AdamW step (fused, the shared
-`make_optimizer`) and `after_step` (EMA teachers, temperature clamp). Every row is built through the method
-script's own hooks (`parse_args`, `build_model`, `build_teacher`, `train_transform`), wrapped in
-DistributedDataParallel as `train()` does (a world of one), and fed one real batch of the built-in shapes
-made by its own transform and collated as its loader does. Steps are timed after a warm-up, with the device
-synchronised at both ends of each timed block.
+For each method (a row) at one model size, batch and precision, it times the code that trains: the method
+script's own `train_one_step`, the one step its training loop runs (the learning rate of the step, the
+method's `train_step` under common.autocast, backward through the GradScaler, gradient clipping where the
+recipe has it, the fused AdamW step of the script's `make_optimizer`, `after_step`: EMA teachers, the
+temperature clamp). Every row is built through the script's hooks as its `train()` builds it
+(`parse_args`, `model_config`, `build_model` -> (model, teacher), `make_optimizer`, `Schedule`,
+`train_transform`), wrapped in DistributedDataParallel (a world of one), and fed one real batch of the
+built-in shapes made by its own transform and collated as its loader does. Steps are timed after a
+warm-up, with the device synchronised at both ends of each timed block.
 
 Rows: `clip` (maskclip.py with --dist-weight 0 --mlm-weight 0, the baseline every time is divided by),
 maskclip, aclip, aclip-eff (--eff), silc (softmax), silc-sigmoid, milan, maskdistill (both with a frozen
 CLIP teacher of the same size, written by maskclip.py's export to a temporary folder) and, when it is
 installed, open_clip: the same CLIP architecture (QuickGELU or GELU as ours) through open_clip's `CLIP` and
-`ClipLoss`, timed by the same loop with the same optimiser. The paper's time ratios (A-CLIP's table:
-MaskCLIP 1.56, A-CLIP 1.16, A-CLIP-eff 0.86 times CLIP) are printed beside ours.
+`ClipLoss`, trained by the CLIP baseline's own `train_one_step` with the same optimiser. The paper's time
+ratios (A-CLIP's table: MaskCLIP 1.56, A-CLIP 1.16, A-CLIP-eff 0.86 times CLIP) are printed beside ours.
 
 Fairness: all rows run in one process. The rows are measured in `--rounds` rounds, each round running every
 row once in turn (built afresh, warmed up, timed), so the load of a shared machine falls on all of them;
@@ -63,6 +64,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import statistics
@@ -93,7 +95,7 @@ ROWS = {
 BASELINE = "clip"
 # dense bf16/fp16 peak TFLOP/s by device name (first match wins)
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
-TOTAL_STEPS = 10_000  # the run length the steps pretend to be in (schedules of the EMA momentum and τ_t)
+TOTAL_STEPS = 10_000  # the run length the steps pretend to be in (schedules: learning rate, EMA momentum, τ_t)
 
 
 def parse_args(argv=None):
@@ -102,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(ROWS),
                    help="comma-separated rows (the CLIP baseline is always run); open_clip is skipped when it is "
                         "not installed")
-    p.add_argument("--model", default="tiny", help="model size (maskclip.MODELS)")
+    p.add_argument("--model", default="tiny", help="model size (common.MODELS)")
     p.add_argument("--batch-size", type=int, default=128, help="batch of one step")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
@@ -136,9 +138,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    models = importlib.import_module("maskclip").MODELS
-    if args.model not in models:
-        raise common.UsageError(f"--model {args.model} is not a model size; pick one of {', '.join(models)}")
+    if args.model not in common.MODELS:
+        raise common.UsageError(f"--model {args.model} is not a model size; pick one of {', '.join(common.MODELS)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ROWS]
     if unknown or not methods:
@@ -220,12 +221,13 @@ class StepFlops:
 
 
 def analytic_clip_flops(cfg, batch):
-    """Forward FLOPs of one CLIP step on `batch` pairs (ecosystem spec §C.1), a multiply-add = 2 FLOPs:
+    """Forward FLOPs of one CLIP step on `batch` pairs, a multiply-add = 2 FLOPs:
         per block of N tokens of width D: 24·N·D² (QKV 6ND², output 2ND², MLP 16ND²) + 4·N²·D (QKᵀ and AV)
         image: patch embedding 2·(N-1)·3P²·D, L_v blocks at N = grid² + 1, projection of [CLS] 2·D·E
         text: L_t blocks at N = context, projection of the end token 2·W·E
         loss: two B × B logit matrices, 2·2·B²·E
-    ViT-B/16 at 224 px gives 35.13 (image) + 5.96 (text) = 41.09 GFLOPs per pair, open_clip's profile."""
+    ViT-B/16 at 224 px gives 35.13 (image) + 5.96 (text) = 41.09 GFLOPs per pair, the figures of open_clip's
+    docs/model_profile.csv (mlfoundations/open_clip)."""
     def blocks(layers, n, d):
         return layers * (24 * n * d * d + 4 * n * n * d)
     n_img = (cfg["image_size"] // cfg["patch_size"]) ** 2
@@ -291,7 +293,7 @@ def make_batch(mod, margs, cfg, device):
     (`common.make_train_loader` with no --train-data), pinned on CUDA."""
     kind = mod.DATA_KIND
     data = common.Shapes("train", length=margs.batch_size, transform=mod.train_transform(margs, cfg),
-                         target="text" if kind == "image-text" else "label", context_length=margs.context_length,
+                         target="text" if kind == "image-text" else "label", context_length=cfg["context_length"],
                          seed=margs.seed)
     batch = common.collate([data[(0, i)] for i in range(margs.batch_size)])
 
@@ -300,96 +302,90 @@ def make_batch(mod, margs, cfg, device):
     return pin(batch) if device.type == "cuda" else batch
 
 
+def schedule(mod, margs):
+    """The script's Schedule for a run of TOTAL_STEPS steps over its --epochs, with the warm-up that the
+    scripts' `train()` derives from --warmup-epochs."""
+    steps_per_epoch = max(1, TOTAL_STEPS // margs.epochs)
+    return mod.Schedule(TOTAL_STEPS, int(margs.warmup_epochs * steps_per_epoch), steps_per_epoch)
+
+
 class MethodRow:
-    """A method script's model, teacher, optimiser and one step of its shared main loop."""
+    """A method script's model, teacher, optimiser and schedule, built as its `train()` builds them, and one
+    step of its training loop: the script's own `train_one_step`."""
 
     def __init__(self, mod, margs, batch, device):
         self.mod, self.args, self.batch, self.device = mod, margs, batch, device
-        cfg = mod.model_config(margs)
-        torch.manual_seed(margs.seed)
-        self.model = mod.build_model(cfg, margs).to(device)
-        if margs.grad_checkpointing:
-            for m in self.model.modules():
-                if isinstance(m, mod.Transformer):
-                    m.grad_checkpointing = True
-        teacher = mod.build_teacher(self.model, margs)
+        torch.manual_seed(margs.seed)  # as train(): the same initial weights in every row and round
+        random.seed(margs.seed)
+        model, teacher = self.build(mod, margs)
+        self.model = model.to(device)
         self.teacher = teacher.to(device) if teacher is not None else None
         self.optimizer = mod.make_optimizer(self.model, margs, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=margs.precision == "fp16")
+        self.sched = schedule(mod, margs)
         ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(ddp) if margs.compile else ddp
         self.sums, self.skipped = {}, 0
         self.model.train()
 
+    def build(self, mod, margs):
+        """(model, teacher) through the script's build_model, with --grad-checkpointing applied as train() does."""
+        model, teacher = mod.build_model(mod.model_config(margs), margs)
+        for m in model.modules():
+            if isinstance(m, mod.Transformer):
+                m.grad_checkpointing = margs.grad_checkpointing
+        return model, teacher
+
     def count_flops(self, step):
+        """The FLOPs of one forward of the script's train_step on the raw model (no DDP hooks counted)."""
         counter = StepFlops()
-        with counter.mode(), self.mod.autocast(self.device, self.args.precision):
-            loss, _ = self.mod.train_step(self.model, self.model, self.teacher, self.batch, step, TOTAL_STEPS,
+        with counter.mode(), common.autocast(self.device, self.args.precision):
+            loss, _ = self.mod.train_step(self.model, self.model, self.teacher, self.batch, step, self.sched,
                                           self.args, self.device)
         del loss
         return counter
 
     def step(self, step):
-        """The body of the shared main loop (maskclip.py `train`), without the logging sync."""
-        mod, args, model, optimizer, scaler = self.mod, self.args, self.model, self.optimizer, self.scaler
-        lr = mod.lr_at(step, TOTAL_STEPS, 0, args.lr, args.lr_start, args.lr_end)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with mod.autocast(self.device, args.precision):
-            loss, metrics = mod.train_step(self.forward, model, self.teacher, self.batch, step, TOTAL_STEPS, args,
-                                           self.device)
-        mod.backward_and_step(loss, model, optimizer, scaler, args.grad_clip)
-        mod.after_step(model, self.teacher, step, TOTAL_STEPS, args)
-        for k, v in {"loss": loss, **metrics}.items():  # summed on the device, as the main loop does
+        """One step of the script's training loop, `train_one_step`, and the loop's bookkeeping (metrics
+        summed on the device, unreadable samples counted on the host, as common.MetricLog.add does),
+        without the logging sync."""
+        metrics = self.mod.train_one_step(self.forward, self.model, self.teacher, self.batch, self.optimizer,
+                                          self.scaler, step, self.sched, self.args, self.device)
+        for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
-        self.skipped += int(self.batch[2].sum())  # on the host, as the main loop counts it
+        self.skipped += int(self.batch[2].sum())
 
 
 class OpenClipRow(MethodRow):
-    """The CLIP baseline's architecture through open_clip's CLIP and ClipLoss, in the same loop with the same
-    optimiser, autocast and DDP wrapping."""
+    """The CLIP baseline's architecture through open_clip's CLIP and ClipLoss, in the CLIP baseline's own
+    training step (maskclip.py's train_one_step with both branches off: train_step calls model(image,
+    text) for (loss, metrics); after_step clamps the temperature, as open_clip's loop does), with the same
+    optimiser, autocast, DDP wrapping and schedule."""
 
-    def __init__(self, mod, margs, batch, device):
-        self.mod, self.args, self.batch, self.device = mod, margs, batch, device
+    def build(self, mod, margs):
         open_clip = open_clip_module()
         cfg = mod.model_config(margs)
         vision = open_clip.model.CLIPVisionCfg(layers=cfg["layers"], width=cfg["width"], patch_size=cfg["patch_size"],
                                                head_width=cfg["width"] // cfg["heads"], image_size=cfg["image_size"])
         text = open_clip.model.CLIPTextCfg(context_length=cfg["context_length"], vocab_size=common.VOCAB_SIZE,
                                            width=cfg["text_width"], heads=cfg["text_heads"], layers=cfg["text_layers"])
-        torch.manual_seed(margs.seed)
-        self.model = open_clip.model.CLIP(cfg["embed_dim"], vision, text, quick_gelu=cfg["act"] == "quickgelu")
-        self.model.to(device)
+
+        class CLIPWithLoss(open_clip.model.CLIP):
+            """open_clip's CLIP whose forward returns (ClipLoss, {}); its parameter names stay OpenAI's, so
+            that make_optimizer puts the same parameters in the no-weight-decay group."""
+
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                self.loss_fn = open_clip.loss.ClipLoss()
+
+            def forward(self, image, text):
+                image_features, text_features, logit_scale = super().forward(image, text)
+                return self.loss_fn(image_features, text_features, logit_scale), {}
+
+        model = CLIPWithLoss(cfg["embed_dim"], vision, text, quick_gelu=cfg["act"] == "quickgelu")
         if margs.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
-        self.loss_fn = open_clip.loss.ClipLoss()
-        self.teacher = None
-        self.optimizer = mod.make_optimizer(self.model, margs, device)  # the same parameter names as OpenAI's
-        self.scaler = torch.amp.GradScaler(device.type, enabled=margs.precision == "fp16")
-        ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.forward = torch.compile(ddp) if margs.compile else ddp
-        self.sums, self.skipped = {}, 0
-        self.model.train()
-        self.mod = _OpenClipHooks(mod, self.loss_fn)
-
-
-class _OpenClipHooks:
-    """train_step / after_step for open_clip's model, everything else from maskclip.py."""
-
-    def __init__(self, mod, loss_fn):
-        self._mod, self.loss_fn = mod, loss_fn
-
-    def __getattr__(self, name):
-        return getattr(self._mod, name)
-
-    def train_step(self, forward, model, teacher, batch, step, total_steps, args, device):
-        image, text = self._mod.to_device(batch[:2], device)
-        image_features, text_features, logit_scale = forward(image, text)
-        return self.loss_fn(image_features, text_features, logit_scale), {}
-
-    def after_step(self, model, teacher, step, total_steps, args):
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # open_clip's training loop does this after each step
+            model.set_grad_checkpointing(True)
+        return model, None
 
 
 def write_teacher(folder, args):
@@ -398,10 +394,11 @@ def write_teacher(folder, args):
     mod, margs = script_args(BASELINE, args, None)
     cfg = dict(mod.model_config(margs), act="quickgelu")
     torch.manual_seed(args.seed)
-    clip = mod.CLIP(**cfg)
-    visual = {k: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+    clip, _ = mod.build_model(cfg, margs)  # both branches off: exactly CLIP
+    online = mod.export_state_dicts(clip.state_dict(), None)["online"]
     path = os.path.join(folder, "teacher.pt")
-    mod.export_weights(path, visual, cfg, margs, "online")
+    common.export_weights(path, {k: v for k, v in online.items() if k.startswith("visual.")}, cfg, norm=margs.norm,
+                          method=mod.METHOD, weights="online")
     return path
 
 
@@ -653,8 +650,7 @@ def run(args, command):
     rows = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    maskclip = importlib.import_module("maskclip")
-    _, _, device = maskclip.setup_distributed(args.device)
+    _, _, device = common.setup_distributed(args.device)
     peak = peak_tflops(args, device)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),

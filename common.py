@@ -1995,6 +1995,7 @@ def segmentation_confusion(dense, classifier, n_background, grid, masks, bg_thre
     if bg_threshold > 0:
         prob = (100 * cos[:, n_background:]).softmax(1).amax(1)                # (B, h, w) best class probability
         pred = torch.where(prob < bg_threshold, 0, pred)
+    masks = masks.long()                                                       # uint8 labels would overflow
     cell = torch.where(masks == 255, n * n, masks * n + pred)                  # ignored pixels -> extra bin
     return torch.bincount(cell.flatten(), minlength=n * n + 1)[: n * n].view(n, n)
 

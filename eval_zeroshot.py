@@ -8,10 +8,11 @@ What it loads (one file; every set of weights in it is reported, e.g. MaskCLIP's
     checkpoint builds the towers (its `eval_towers`); image-text towers get every task, image-only towers
     (MILAN and MaskDistill students) get k-NN and the linear probe;
   - OpenAI-layout files: our export_*.pt, OpenAI's CLIP TorchScript archives (read for their tensors only)
-    and OpenAI / open_clip ViT state dicts, through the scripts' shared loader (architecture read off the
-    shapes, keys checked strictly). Activation: what our files record; QuickGELU for an OpenAI archive
-    and for a bare state dict; GELU for an open_clip training checkpoint (a dict with "epoch"), unless its
-    run name says quickgelu; `--act` overrides. Normalisation: what our files record, else CLIP's.
+    and OpenAI / open_clip ViT state dicts, through common.load_clip with the CLIP and VisionTransformer
+    of the model section every script shares (architecture read off the shapes, keys checked strictly).
+    Activation: what our files record; QuickGELU for an OpenAI archive and for a bare state dict; GELU for
+    an open_clip training checkpoint (a dict with "epoch"), unless its run name says quickgelu; `--act`
+    overrides. Normalisation: what our files record, else CLIP's.
 
 Protocols:
   - zero-shot classification (OpenAI's): each prompt embedding L2-normalised, averaged over the templates,
@@ -54,7 +55,6 @@ import importlib
 import json
 import os
 import sys
-import zipfile
 
 import numpy as np
 import torch
@@ -66,8 +66,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
-from maskclip import (autocast, extract_features, is_main, knn_accuracy, load_clip, print0, read_weights_file,
-                      setup_distributed, zero_shot_accuracy, zero_shot_classifier)
+from common import (autocast, extract_features, is_main, is_torchscript, knn_accuracy, miou, print0,
+                    read_weights_file, segmentation_confusion, setup_distributed, zero_shot_accuracy,
+                    zero_shot_classifier)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("maskclip", "aclip", "silc", "milan", "maskdistill")
@@ -114,13 +115,6 @@ class ImageTower(nn.Module):
         return self.visual.ln_post(self.visual(image)[:, 0]) @ self.visual.proj
 
 
-def is_torchscript(path):
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any("/code/" in n for n in z.namelist())
-
-
 def openai_activation(path, obj, act):
     """(activation, reason) for an OpenAI-layout file whose contents are `obj`."""
     if act:
@@ -154,8 +148,9 @@ def load_towers(path, act=None, norm=None):
                     source=f"{method} checkpoint at step {obj.get('step')}")
         return towers, meta
     act, reason = openai_activation(path, obj, act)
+    shared = importlib.import_module("maskclip")  # OpenAI-layout CLIP and ViT: the model section all scripts share
+    model, info = common.load_clip(path, shared.CLIP, shared.VisionTransformer, act=act, obj=obj)
     del obj
-    model, info = load_clip(path, act=act)
     cfg = info["config"]
     if "method" in info:
         source, name = f"{info['method']} export", info.get("weights", "model")
@@ -396,8 +391,7 @@ def benchmarks(args, meta):
 # ----------------------------------------------------------------------------------------------------
 def loader(dataset, args, batch_size=None):
     """A loader over this rank's slice of `dataset` (common.ShardSampler)."""
-    return common.eval_loader(dataset, batch_size or args.batch_size, dist.get_rank(), dist.get_world_size(),
-                              args.workers)
+    return common.eval_loader(dataset, batch_size or args.batch_size, *common.rank_world(), args.workers)
 
 
 def bar(iterable, desc):
@@ -408,7 +402,7 @@ def features_in_order(encode, dataset, args, desc, device):
     """encode(x) and the target of every item, gathered from the ranks and put back in dataset order (so
     that the results do not depend on the number of processes): (n, D), (n,)."""
     x, y = extract_features(encode, bar(loader(dataset, args), desc), device)
-    world = dist.get_world_size()
+    world = common.rank_world()[1]
     gathered = torch.cat([torch.arange(r, len(dataset), world) for r in range(world)])  # ShardSampler, rank order
     back = gathered.argsort().to(x.device)
     return x[back], y[back]
@@ -434,33 +428,6 @@ def retrieval_recall(image_emb, text_emb, text_image, ks=(1, 5, 10), chunk=1024)
         for K in ks:
             out[f"{name}_R@{K}"] = 100 * hits[:, :K].any(1).float().mean().item()
     return out
-
-
-@torch.no_grad()
-def segmentation_confusion(dense, classifier, n_background, grid, masks, bg_threshold=0.0):
-    """(1 + C, 1 + C) confusion counts (rows: truth, columns: prediction; 0 = background) of one batch.
-    dense: (B, N, E) patch embeddings, N = gh·gw for grid = (gh, gw); classifier: (n_background + C, E)
-    normalised prompt embeddings, background prompts first; masks: (B, h, w) labels, 255 = ignored."""
-    B = dense.shape[0]
-    n = classifier.shape[0] - n_background + 1                                 # 1 + C
-    gh, gw = grid
-    cos = F.normalize(dense.float(), dim=-1) @ classifier.t()                  # (B, N, nb + C)
-    cos = cos.transpose(1, 2).reshape(B, -1, gh, gw)                           # (B, nb + C, gh, gw)
-    cos = F.interpolate(cos, size=masks.shape[-2:], mode="bilinear", align_corners=False)  # (B, nb + C, h, w)
-    pred = (cos.argmax(1) - n_background + 1).clamp(min=0)                    # (B, h, w): any background -> 0
-    if bg_threshold > 0:
-        prob = (100 * cos[:, n_background:]).softmax(1).amax(1)                # (B, h, w) best class probability
-        pred = torch.where(prob < bg_threshold, 0, pred)
-    cell = torch.where(masks == 255, n * n, masks * n + pred)                  # ignored pixels -> extra bin
-    return torch.bincount(cell.flatten(), minlength=n * n + 1)[: n * n].view(n, n)
-
-
-def miou(confusion):
-    """(mIoU %, pixel accuracy %) over the classes present in the truth or the prediction."""
-    confusion = confusion.double()
-    inter = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - inter
-    return (100 * (inter[union > 0] / union[union > 0]).mean()).item(), (100 * inter.sum() / confusion.sum()).item()
 
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, lambdas=PROBE_LAMBDAS, holdout=0.2, max_iter=1000):
@@ -538,7 +505,7 @@ def run_segmentation(tower, inputs, meta, args, device, desc):
             dense = tower.encode_dense(images)                                 # (B, N, E)
         grid = (images.shape[-2] // meta["patch_size"], images.shape[-1] // meta["patch_size"])
         confusion += segmentation_confusion(dense, classifier, len(backgrounds), grid, masks, args.bg_threshold)
-    dist.all_reduce(confusion)
+    common.all_reduce(confusion)
     mean_iou, pixel_acc = miou(confusion)
     return {"seg_mIoU": mean_iou, "seg_pixel_acc": pixel_acc}
 
@@ -683,7 +650,7 @@ def run(args):
         print(format_table(results))
         report = {"weights": os.path.abspath(args.weights), **{k: meta[k] for k in ("source", "act", "norm",
                   "image_size")}, "tasks": args.tasks, "protocol": protocol, "knn_k": args.knn_k,
-                  "bg_threshold": args.bg_threshold, "world_size": dist.get_world_size(), "results": results}
+                  "bg_threshold": args.bg_threshold, "world_size": common.rank_world()[1], "results": results}
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         print(f"results: {args.out}")

@@ -1,13 +1,15 @@
 """A-CLIP: the attention score against a hand computation, alignment, block selection, the kept-token ViT,
-the three-crop geometry, the EMA, each loss against a naive reference (forward and gradients), gradient
-routing, the OpenAI-layout exports, distributed equivalence (SimCLR, global BatchNorm and a whole DDP step
-in two gloo processes) and the real CLI (smoke run with exports and --save-masks, bad input)."""
+the three-crop geometry, the EMA, each loss against a naive reference (forward and gradients), the losses
+without a process group, gradient routing, the OpenAI-layout exports, distributed equivalence (SimCLR,
+global BatchNorm and a whole DDP step in two gloo processes) and the real CLI (smoke run with exports and
+--save-masks, bad input)."""
 import json
 import math
 import random
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -24,11 +26,14 @@ def small_args(*extra):
     return aclip.parse_args(["--model", "tiny", "--ssl-hidden", "32", "--ssl-dim", "16", *extra])
 
 
+SCHED = aclip.Schedule(total=10, warmup=0, steps_per_epoch=10)
+
+
 def small_model(*extra, seed=0):
     torch.manual_seed(seed)
     args = small_args(*extra)
-    model = aclip.build_model(aclip.model_config(args), args)
-    return model, aclip.build_teacher(model, args), args
+    model, teacher = aclip.build_model(aclip.model_config(args), args)
+    return model, teacher, args
 
 
 def loader_batch(args, n=4, seed=0):
@@ -198,7 +203,7 @@ def test_three_crop_transform_outputs():
 
 
 # ---------------------------------------------------------------------------------------------- EMA
-def test_ema_covers_the_spec_parts_update_is_exact_and_schedule_endpoints(world1):
+def test_ema_covers_the_released_parts_update_is_exact_and_schedule_endpoints(world1):
     model, teacher, args = small_model()
     prefixes = {k.split(".")[0] for k in teacher.state_dict()}
     assert prefixes == {"visual", "transformer", "text_projection", "im_proj_byol"}
@@ -229,16 +234,16 @@ def test_ema_text_tower_shares_embeddings_and_exports_round_trip(world1, tmp_pat
     assert set(exports) == {"online", "ema"}
     cfg = aclip.model_config(args)
     for name, sd in exports.items():
-        assert all(k.startswith(aclip.OPENAI_PREFIXES) for k in sd)
-        aclip.export_weights(tmp_path / f"{name}.pt", sd, cfg, args, name)
+        assert all(k.startswith(common.OPENAI_PREFIXES) for k in sd)
+        common.export_weights(tmp_path / f"{name}.pt", sd, cfg, norm=args.norm, method="aclip", weights=name)
     ema = exports["ema"]
     for k in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "logit_scale"):
         assert ema[k] is exports["online"][k]                             # shared with the online model
     images, texts = torch.randn(2, 3, 32, 32), common.tokenize(["a red circle", "a blue star"], 24)
-    clip, _ = aclip.load_clip(str(tmp_path / "online.pt"))
+    clip, _ = common.load_clip(str(tmp_path / "online.pt"), aclip.CLIP, aclip.VisionTransformer)
     torch.testing.assert_close(clip.encode_image(images), model.encode_image(images))
     torch.testing.assert_close(clip.encode_text(texts), model.encode_text(texts))
-    clip_ema, _ = aclip.load_clip(str(tmp_path / "ema.pt"))
+    clip_ema, _ = common.load_clip(str(tmp_path / "ema.pt"), aclip.CLIP, aclip.VisionTransformer)
     with torch.no_grad():
         torch.testing.assert_close(clip_ema.encode_image(images), teacher.encode_image(images))
         torch.testing.assert_close(clip_ema.encode_text(texts), teacher.encode_text(model, texts))
@@ -301,11 +306,42 @@ def test_byol_loss_matches_naive_and_its_range():
     assert aclip.byol_loss(z, -z).item() == pytest.approx(4, abs=1e-6)
 
 
+def test_losses_and_a_whole_forward_run_without_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is left over from another test")
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    torch.testing.assert_close(aclip.simclr_loss(a, b, 0.1), naive_simclr(a, b, 0.1))
+    assert 0 <= aclip.byol_loss(a, b).item() <= 4
+    img, txt = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    loss_i, loss_t = aclip.contrastive_loss(img, txt, torch.tensor(math.log(10.0)))
+    torch.testing.assert_close((loss_i + loss_t) / 2, naive_clip(img, txt, 10.0))
+    bn, gbn = torch.nn.BatchNorm1d(7), aclip.GlobalBatchNorm1d(7)
+    torch.testing.assert_close(gbn(a), bn(a))
+    # keyword constructors: the copyable model and teacher, no argparse Namespace, no process group
+    cfg = dict(common.MODELS["tiny"], act="quickgelu")
+    torch.manual_seed(0)
+    model = aclip.ACLIP(**cfg, views=2, loss_weights=(0.5, 0.5, 1.0, 2.0), ssl_hidden=32, ssl_dim=16)
+    teacher = aclip.Teacher(model, score_layers="all")
+    assert not any(isinstance(m, aclip.GlobalBatchNorm1d) for m in model.modules())
+    images, texts = torch.randn(8, 3, 32, 32), common.tokenize(["a red circle", "a blue star"] * 2, 24)
+    score, target = teacher.score_and_target(images[:4])
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)[None].expand(4, 3, 4)
+    keep = aclip.attentive_keep(score, 4, boxes, 2, 4, 1, aclip.n_keep_blocks(16, 0.5))
+    loss, metrics = model(images, texts, keep=keep, target=target)
+    assert set(metrics) == {"loss_itc1", "loss_itc2", "loss_ssl", "loss_o2e"} and math.isfinite(loss.item())
+    byol_only = aclip.ACLIP(**cfg, views=1, loss_weights=(1.0, 0.0, 0.0, 2.0), ssl_hidden=32, ssl_dim=16,
+                            freeze_patch_embed=False)
+    assert not hasattr(byol_only, "image_mlp") and hasattr(byol_only, "im_pred_byol")
+    assert byol_only.visual.conv1.weight.requires_grad
+    assert aclip.Teacher(byol_only, score_layers="last").score_layers == "last"
+
+
 def test_total_loss_parts_against_naive_and_gradient_routing(world1):
     model, teacher, args = small_model("--loss-weights", "0.3", "0.7", "1.5", "2.5")
     batch = loader_batch(args)
     torch.manual_seed(4)
-    loss, m = aclip.train_step(model, model, teacher, batch, 0, 10, args, torch.device("cpu"))
+    loss, m = aclip.train_step(model, model, teacher, batch, 0, SCHED, args, torch.device("cpu"))
     torch.testing.assert_close(loss, 0.3 * m["loss_itc1"] + 0.7 * m["loss_itc2"] + 1.5 * m["loss_ssl"] + 2.5 * m["loss_o2e"])
     # recompute every part by hand from the same kept tokens
     (online, boxes, ema), texts, _ = batch
@@ -373,12 +409,12 @@ def test_variants_run_one_step(world1, flags):
     model, teacher, args = small_model(*flags)
     batch = loader_batch(args)
     opt = aclip.make_optimizer(model, args, torch.device("cpu"))
-    loss, metrics = aclip.train_step(model, model, teacher, batch, 1, 10, args, torch.device("cpu"))
+    loss, metrics = aclip.train_step(model, model, teacher, batch, 1, SCHED, args, torch.device("cpu"))
     loss.backward()
     opt.step()
     with torch.no_grad():
         model.logit_scale.fill_(9.0)
-    aclip.after_step(model, teacher, 1, 10, args)
+    aclip.after_step(model, teacher, 1, SCHED, args)
     assert model.logit_scale.item() == pytest.approx(math.log(100))
     assert math.isfinite(loss.item()) and all(math.isfinite(v.item()) for v in metrics.values())
     if args.mask == "none" and args.loss_weights[3] == 0:
@@ -414,14 +450,13 @@ def _step_on_slice(rank, world, batch, vectors):
     slice of a fixed global batch, and SimCLR alone on a slice of fixed vectors."""
     torch.manual_seed(0)
     args = small_args("--block-size", "2")
-    model = aclip.build_model(aclip.model_config(args), args)
-    teacher = aclip.build_teacher(model, args)
+    model, teacher = aclip.build_model(aclip.model_config(args), args)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     (online, boxes, ema), texts, _ = batch
     b = texts.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
     loss, metrics = aclip.train_step(ddp, model, teacher, ((online[sl], boxes[sl], ema[sl]), texts[sl], None),
-                                     3, 10, args, torch.device("cpu"))
+                                     3, SCHED, args, torch.device("cpu"))
     loss.backward()
     a, c = (v[sl].clone().requires_grad_() for v in vectors)
     ssl = aclip.simclr_loss(a, c, 0.1)

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import ROOT, run_cli
 
 import benchmark
+import common
 
 
 def test_cli_runs_rows_and_writes_numbers(tmp_path):
@@ -75,9 +76,8 @@ def test_clip_flops_match_the_analytic_formula(world1):
 
 
 def test_analytic_formula_gives_the_published_vit_b16_figure():
-    """open_clip's profile: ViT-B-16 35.13 image + 5.96 text = 41.09 GFLOPs per pair (ecosystem spec §C.1)."""
-    import maskclip
-    cfg = maskclip.MODELS["ViT-B/16"]
+    """open_clip's docs/model_profile.csv: ViT-B-16 35.13 image + 5.96 text = 41.09 GFLOPs per pair."""
+    cfg = common.MODELS["ViT-B/16"]
     per_pair = benchmark.analytic_clip_flops(cfg, 1) - 4 * cfg["embed_dim"]  # without the 1 × 1 logits
     assert per_pair / 1e9 == pytest.approx(41.09, abs=0.01)
 
@@ -123,8 +123,8 @@ class SyncOps(TorchDispatchMode):
 @pytest.mark.parametrize("row", ["clip", "maskclip", "aclip", "aclip-eff", "silc", "silc-sigmoid", "milan",
                                  "maskdistill"])
 def test_training_step_has_no_host_syncs(row, world1, tmp_path):
-    """The whole step (train_step, backward_and_step, after_step) runs no operator that would make the
-    host wait for a GPU, except on the host's own batch."""
+    """The whole step, the script's train_one_step (train_step, backward, optimiser, after_step), runs no
+    operator that would make the host wait for a GPU, except on the host's own batch."""
     args = benchmark.parse_args(["--batch-size", "4", "--device", "cpu"])
     teacher = benchmark.write_teacher(str(tmp_path), args) if row in ("milan", "maskdistill") else None
     mod, margs = benchmark.script_args(row, args, teacher)
@@ -133,13 +133,10 @@ def test_training_step_has_no_host_syncs(row, world1, tmp_path):
     runner.step(1)
     recorder = SyncOps()
     with recorder:
-        with mod.autocast(device, margs.precision):
-            loss, metrics = mod.train_step(runner.forward, runner.model, runner.teacher, runner.batch, 2, 100, margs,
-                                           device)
-        mod.backward_and_step(loss, runner.model, runner.optimizer, runner.scaler, margs.grad_clip)
-        mod.after_step(runner.model, runner.teacher, 2, 100, margs)
+        metrics = mod.train_one_step(runner.forward, runner.model, runner.teacher, runner.batch, runner.optimizer,
+                                     runner.scaler, 2, mod.Schedule(100, 10, 50), margs, device)
     assert {f for f in recorder.found if f[:2] not in HOST_SIDE} == set()
-    assert all(torch.isfinite(v) for v in [loss, *metrics.values()])
+    assert list(metrics)[0] == "loss" and all(torch.isfinite(v) for v in metrics.values())
 
 
 def test_sync_recorder_sees_item_and_boolean_masks():

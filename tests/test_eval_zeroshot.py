@@ -84,7 +84,7 @@ def test_activation_rules(tmp_path):
 
 def test_torchscript_archive_loads_as_quickgelu(tmp_path):
     torch.manual_seed(0)
-    ref = maskclip.CLIP(**dict(maskclip.MODELS["tiny"], act="quickgelu")).eval()
+    ref = maskclip.CLIP(**dict(common.MODELS["tiny"], act="quickgelu")).eval()
     images = torch.randn(2, 3, 32, 32)
     path = str(tmp_path / "ViT-tiny.pt")
     torch.jit.trace_module(ref, {"encode_image": images}, check_trace=False).save(path)
@@ -95,7 +95,7 @@ def test_torchscript_archive_loads_as_quickgelu(tmp_path):
 
 
 def test_image_only_weights_get_knn_and_probe_only(tmp_path, world1):
-    clip = maskclip.CLIP(**dict(maskclip.MODELS["tiny"], act="quickgelu"))
+    clip = maskclip.CLIP(**dict(common.MODELS["tiny"], act="quickgelu"))
     torch.save({k: v for k, v in clip.state_dict().items() if k.startswith("visual.")}, tmp_path / "visual.pt")
     towers, meta = ez.load_towers(str(tmp_path / "visual.pt"))
     tower = towers["model"]
@@ -186,15 +186,15 @@ def test_segmentation_background_threshold():
     dense = torch.tensor([0.0, 1.0, 1.0]).expand(1, 4, 3)  # every patch equally close to both classes
     classifier = torch.eye(3)                              # background prompt, class 0, class 1
     masks = torch.ones(1, 4, 4, dtype=torch.long)          # all class 0
-    plain = ez.segmentation_confusion(dense, classifier, 1, (2, 2), masks)
+    plain = common.segmentation_confusion(dense, classifier, 1, (2, 2), masks)
     assert plain[1, 0] == 0                                 # a class wins without the threshold
-    strict = ez.segmentation_confusion(dense, classifier, 1, (2, 2), masks, bg_threshold=0.6)
+    strict = common.segmentation_confusion(dense, classifier, 1, (2, 2), masks, bg_threshold=0.6)
     assert strict[1, 0] == 16                               # best probability 0.5 < 0.6: all background
 
 
 def test_miou_by_hand():
     confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])   # class 2 absent: left out of the mean
-    assert ez.miou(confusion) == pytest.approx(((3 / 4 + 2 / 3) / 2 * 100, 5 / 6 * 100))
+    assert common.miou(confusion) == pytest.approx(((3 / 4 + 2 / 3) / 2 * 100, 5 / 6 * 100))
 
 
 def naive_recall(image_emb, text_emb, text_image, k):
@@ -225,8 +225,8 @@ def test_knn_temperature_weighting():
     train = torch.tensor([[c, s], [c, -s], [0.9, (1 - 0.81) ** 0.5]])   # cosines 0.5, 0.5, 0.9
     labels = torch.tensor([0, 0, 1])
     # T = 0.07: 2·exp(0.5/0.07) < exp(0.9/0.07), the close neighbour wins; T = 10: two votes beat one
-    assert maskclip.knn_accuracy(train, labels, test, torch.tensor([1]), 2, k=3, temperature=0.07) == 100
-    assert maskclip.knn_accuracy(train, labels, test, torch.tensor([0]), 2, k=3, temperature=10.0) == 100
+    assert common.knn_accuracy(train, labels, test, torch.tensor([1]), 2, k=3, temperature=0.07) == 100
+    assert common.knn_accuracy(train, labels, test, torch.tensor([0]), 2, k=3, temperature=10.0) == 100
 
 
 def test_linear_probe_separable_and_optimal():
@@ -311,18 +311,17 @@ def test_every_script_checkpoint_loads_through_eval_towers(script, tmp_path, wor
     module = importlib.import_module(script)
     argv = ["--model", "tiny", "--out-dir", str(tmp_path)]
     if module.DATA_KIND == "image":   # MILAN and MaskDistill learn from a frozen CLIP teacher
-        torch.save(maskclip.CLIP(**dict(maskclip.MODELS["tiny"], act="quickgelu")).state_dict(), tmp_path / "t.pt")
+        torch.save(maskclip.CLIP(**dict(common.MODELS["tiny"], act="quickgelu")).state_dict(), tmp_path / "t.pt")
         argv += ["--teacher", str(tmp_path / "t.pt")]
     args = module.parse_args(argv)
     cfg = module.model_config(args)
-    model = module.build_model(cfg, args)
-    teacher = module.build_teacher(model, args)
-    torch.save({"method": module.METHOD, "config": cfg, "args": module.plain(vars(args)), "step": 0,
-                "model": model.state_dict(), "teacher": teacher.state_dict() if module.trained(teacher) else None},
-               tmp_path / "checkpoint.pt")
+    model, teacher = module.build_model(cfg, args)
+    common.save_checkpoint(str(tmp_path / "checkpoint.pt"), method=module.METHOD, cfg=cfg, args=args, step=0,
+                           model=model, teacher=teacher, optimizer=module.make_optimizer(model, args, CPU),
+                           scaler=torch.amp.GradScaler("cpu", enabled=False))
     towers, meta = ez.load_towers(str(tmp_path / "checkpoint.pt"))
     assert meta["source"] == f"{script} checkpoint at step 0" and meta["image_size"] == 32
-    if module.trained(teacher):
+    if common.trained(teacher):
         assert {"online", "ema"} <= set(towers)
     images = torch.randn(2, 3, 32, 32)
     for tower in towers.values():

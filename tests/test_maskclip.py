@@ -22,6 +22,9 @@ TINY = ["--model", "tiny", "--workers", "0", "--batch-size", "8", "--builtin-sam
         "--dec-width", "64", "--dec-heads", "1", "--text-dec-depth", "1", "--log-every", "1", "--eval-every", "0"]
 
 
+SCHED, CPU = maskclip.Schedule(total=10, warmup=0, steps_per_epoch=10), torch.device("cpu")
+
+
 def small_args(*extra):
     return maskclip.parse_args(["--dist-weight", "1", "--mlm-weight", "1", "--quant-k", "16", "--dec-width", "64",
                                 "--dec-heads", "1", "--ema-momentum", "0.9", *extra])
@@ -31,8 +34,8 @@ def small_model(*extra, seed=0):
     torch.manual_seed(seed)
     args = small_args(*extra)
     cfg = maskclip.model_config(args)
-    model = maskclip.build_model(cfg, args)
-    return model, maskclip.build_teacher(model, args), args
+    model, teacher = maskclip.build_model(cfg, args)
+    return model, teacher, args
 
 
 def batch(n=4, seed=0):
@@ -104,32 +107,47 @@ def test_mlm_loss_matches_naive(world1):
     torch.testing.assert_close(logits.grad, l2.grad)
 
 
+def test_losses_run_without_a_process_group():
+    """Copied into a program that never calls init_process_group, the losses are those of a world of one."""
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+    g = torch.Generator().manual_seed(3)
+    img, txt = (F.normalize(torch.randn(4, 8, generator=g), dim=-1) for _ in range(2))
+    li, lt = maskclip.contrastive_loss(img, txt, torch.tensor(0.0))
+    torch.testing.assert_close((li, lt), naive_clip_losses(img, txt, torch.tensor(1.0)))
+    logits, targets = torch.randn(5, 11, generator=g), torch.randint(0, 11, (5,), generator=g)
+    torch.testing.assert_close(maskclip.mlm_loss(logits, targets), F.cross_entropy(logits, targets))
+    model, teacher, args = small_model("--quant-center")
+    keep, masked = maskclip.random_masking(4, 16, 0.75, "cpu")
+    assert teacher.targets(batch()[0], masked).shape == (4, 12, 16)
+
+
 def test_total_loss_is_the_sum_of_eq8(world1):
     model, teacher, args = small_model("--dist-weight", "0.3", "--mlm-weight", "0.7")
     images, texts = batch()
     torch.manual_seed(5)
-    loss, m = maskclip.train_step(model, model, teacher, (images, texts, torch.zeros(4)), 0, 10, args, torch.device("cpu"))
+    loss, m = maskclip.train_step(model, model, teacher, (images, texts, torch.zeros(4)), 0, SCHED, args, CPU)
     expected = m["loss_i2t"] + m["loss_t2i"] + 0.3 * m["loss_dist"] + 0.7 * m["loss_mlm"]
     torch.testing.assert_close(loss, expected)
     # both weights 0: plain CLIP, with none of the extra modules
     clip, clip_teacher, clip_args = small_model("--dist-weight", "0", "--mlm-weight", "0")
     assert clip_teacher is None and not hasattr(clip, "decoder") and not hasattr(clip, "text_decoder")
-    loss, m = maskclip.train_step(clip, clip, None, (images, texts, torch.zeros(4)), 0, 10, clip_args, torch.device("cpu"))
+    loss, m = maskclip.train_step(clip, clip, None, (images, texts, torch.zeros(4)), 0, SCHED, clip_args, CPU)
     torch.testing.assert_close(loss, m["loss_i2t"] + m["loss_t2i"])
 
 
 # ---------------------------------------------------------------------------------------------- masking
 def test_random_masking_counts_and_complement():
     torch.manual_seed(0)
-    keep = maskclip.random_masking(64, 16, 0.75, "cpu")
+    keep, masked = maskclip.random_masking(64, 16, 0.75, "cpu")
     assert keep.shape == (64, 4)
-    masked = maskclip.masked_indices(keep, 16)
     assert masked.shape == (64, 12)
+    assert torch.equal(masked, maskclip.masked_indices(keep, 16))  # the masked patches in increasing order
     for k, m in zip(keep, masked):
         assert len(set(k.tolist())) == 4
         assert sorted(k.tolist() + m.tolist()) == list(range(16))
     assert len({tuple(sorted(k.tolist())) for k in keep}) > 1  # differs between samples
-    assert maskclip.random_masking(2, 196, 0.75, "cpu").shape == (2, 49)  # int(196 · 0.25)
+    assert maskclip.random_masking(2, 196, 0.75, "cpu")[0].shape == (2, 49)  # int(196 · 0.25)
 
 
 def test_mlm_masking_never_masks_special_tokens_and_counts():
@@ -179,7 +197,7 @@ def test_teacher_starts_equal_gets_no_grad_and_ema_update_is_exact(world1):
     teacher.train()
     assert not teacher.training  # stays in eval mode
     images, texts = batch()
-    loss, _ = maskclip.train_step(model, model, teacher, (images, texts, torch.zeros(4)), 0, 10, args, torch.device("cpu"))
+    loss, _ = maskclip.train_step(model, model, teacher, (images, texts, torch.zeros(4)), 0, SCHED, args, CPU)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     with torch.no_grad():
@@ -196,25 +214,25 @@ def test_teacher_starts_equal_gets_no_grad_and_ema_update_is_exact(world1):
 def test_teacher_sees_the_full_image_and_targets_masked_positions(world1):
     model, teacher, args = small_model()
     images, _ = batch()
-    keep = maskclip.random_masking(4, 16, 0.75, "cpu")
-    probs = teacher.targets(images, keep)
+    keep, masked = maskclip.random_masking(4, 16, 0.75, "cpu")
+    probs = teacher.targets(images, masked)
     assert probs.shape == (4, 12, 16)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, 12))
     full = F.softmax(teacher.quantizer(teacher.visual.ln_post(teacher.visual(images))[:, 1:]) / args.tau_t, -1)
-    masked = maskclip.masked_indices(keep, 16)
     torch.testing.assert_close(probs, full.gather(1, masked[..., None].expand(-1, -1, 16)))
     # the teacher's input is the unmasked image: changing a visible patch's pixels changes the targets
     images2 = images.clone()
     b, k = 0, keep[0, 0].item()
     images2[b, :, (k // 4) * 8:(k // 4) * 8 + 8, (k % 4) * 8:(k % 4) * 8 + 8] += 3
-    assert not torch.allclose(teacher.targets(images2, keep)[0], probs[0])
+    assert not torch.allclose(teacher.targets(images2, masked)[0], probs[0])
 
 
 def test_gradient_routing(world1):
     model, teacher, args = small_model()
     images, texts = batch()
-    keep = maskclip.random_masking(4, 16, 0.75, "cpu")
-    dist_loss = maskclip.distillation_loss(model.predict_masked(images, keep), teacher.targets(images, keep), 0.1)
+    keep, masked = maskclip.random_masking(4, 16, 0.75, "cpu")
+    dist_loss = maskclip.distillation_loss(model.predict_masked(images, keep, masked), teacher.targets(images, masked),
+                                           0.1)
     dist_loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert {"visual.conv1.weight", "decoder_embed.weight", "mask_token", "quantizer.codewords"} <= grads
@@ -239,7 +257,7 @@ def test_gradient_routing(world1):
 def test_mode_flags_run_and_give_finite_losses(world1, flags):
     model, teacher, args = small_model(*flags)
     images, texts = batch()
-    loss, metrics = maskclip.train_step(model, model, teacher, (images, texts, torch.zeros(4)), 0, 10, args, torch.device("cpu"))
+    loss, metrics = maskclip.train_step(model, model, teacher, (images, texts, torch.zeros(4)), 0, SCHED, args, CPU)
     loss.backward()
     assert math.isfinite(loss.item()) and all(math.isfinite(v.item()) for v in metrics.values())
 
@@ -248,7 +266,7 @@ def test_logit_scale_clamped_after_step(world1):
     model, teacher, args = small_model()
     with torch.no_grad():
         model.logit_scale.fill_(7.0)
-    maskclip.after_step(model, teacher, 0, 10, args)
+    maskclip.after_step(model, teacher, 0, SCHED, args)
     assert model.logit_scale.item() == pytest.approx(math.log(100))
 
 
@@ -270,25 +288,29 @@ def test_no_weight_decay_groups(world1):
 
 
 # ---------------------------------------------------------------------------------------------- weights
+def load_clip(path):
+    return common.load_clip(str(path), maskclip.CLIP, maskclip.VisionTransformer)
+
+
 def test_openai_layout_round_trip(world1, tmp_path):
     model, teacher, args = small_model()
     exports = maskclip.export_state_dicts(model.state_dict(), teacher.state_dict())
     cfg = maskclip.model_config(args)
     for name, sd in exports.items():
-        assert all(k.startswith(maskclip.OPENAI_PREFIXES) for k in sd)
-        maskclip.export_weights(tmp_path / f"{name}.pt", sd, cfg, args, name)
-    clip, info = maskclip.load_clip(str(tmp_path / "online.pt"))
+        assert all(k.startswith(common.OPENAI_PREFIXES) for k in sd)
+        common.export_weights(tmp_path / f"{name}.pt", sd, cfg, norm=args.norm, method="maskclip", weights=name)
+    clip, info = load_clip(tmp_path / "online.pt")
     images, texts = batch()
     torch.testing.assert_close(clip.encode_image(images), model.encode_image(images))
     torch.testing.assert_close(clip.encode_text(texts), model.encode_text(texts))
-    ema, _ = maskclip.load_clip(str(tmp_path / "ema.pt"))
+    ema, _ = load_clip(tmp_path / "ema.pt")
     with torch.no_grad():
         expected = teacher.visual.ln_post(teacher.visual(images)[:, 0]) @ model.visual.proj
     torch.testing.assert_close(ema.encode_image(images), expected)
     # a plain OpenAI-named state dict (no config), architecture inferred from the shapes
     plain = {k: v for k, v in exports["online"].items()}
     torch.save(plain, tmp_path / "plain.pt")
-    inferred, _ = maskclip.load_clip(str(tmp_path / "plain.pt"))
+    inferred, _ = load_clip(tmp_path / "plain.pt")
     assert inferred.visual.transformer.layers == 4 and inferred.transformer.layers == 2
     torch.testing.assert_close(inferred.encode_text(texts), model.encode_text(texts))
 
@@ -299,15 +321,16 @@ def _grads_one_step(rank, world, full_images, full_texts, keep, mlm_masked_flat,
     torch.manual_seed(0)
     args = small_args("--quant-center")
     cfg = maskclip.model_config(args)
-    model = maskclip.build_model(cfg, args)
-    teacher = maskclip.build_teacher(model, args)
+    model, teacher = maskclip.build_model(cfg, args)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     b = full_images.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
     images, texts = full_images[sl], full_texts[sl]
     masked = mlm_masked_flat.view(full_texts.shape)[sl].flatten()
     positions = masked.nonzero()[:, 0]
-    loss, metrics = ddp(images, texts, keep=keep[sl], teacher_probs=teacher.targets(images, keep[sl]),
+    masked_patches = maskclip.masked_indices(keep[sl], 16)
+    loss, metrics = ddp(images, texts, keep=keep[sl], masked=masked_patches,
+                        teacher_probs=teacher.targets(images, masked_patches),
                         mlm_input=mlm_input[sl], mlm_positions=positions, mlm_targets=texts.flatten()[positions])
     loss.backward()
     return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
@@ -317,7 +340,7 @@ def _grads_one_step(rank, world, full_images, full_texts, keep, mlm_masked_flat,
 def test_two_gloo_processes_match_one_process(tmp_path):
     torch.manual_seed(1)
     images, texts = batch(8, seed=3)
-    keep = maskclip.random_masking(8, 16, 0.75, "cpu")
+    keep, masked_patches = maskclip.random_masking(8, 16, 0.75, "cpu")
     mlm_input, positions, _ = maskclip.mlm_masking(texts, 0.3)
     masked = torch.zeros(texts.numel(), dtype=torch.bool)
     masked[positions] = True

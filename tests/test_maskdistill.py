@@ -1,7 +1,8 @@
 """MaskDistill: the block-mask generator, the [MASK] token, the student's attention and relative position
 bias, the regression loss against a naive reference (forward and gradients), the frozen teacher (loading
 from OpenAI-layout files built here, pixel conversion, grid alignment, no gradient), the one-line teacher
-errors, distributed equivalence, and the real CLI (smoke run, resume, no arguments)."""
+errors, the teacher file read once, the losses without a process group, distributed equivalence, and the
+real CLI (smoke run, resume, no arguments, no image-text flags)."""
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import random
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import ROOT, run_cli, run_distributed
@@ -23,6 +25,7 @@ TINY_TEACHER = dict(image_size=32, patch_size=8, width=64, layers=1, heads=1, co
                     text_layers=1, text_heads=1, embed_dim=48)
 CLI = ["--workers", "0", "--batch-size", "8", "--builtin-samples", "32", "--knn-samples", "64", "--log-every", "1",
        "--eval-every", "0"]
+SCHED, CPU = md.Schedule(total=10, warmup=0, steps_per_epoch=10), torch.device("cpu")
 
 
 def save_clip(path, seed=0, export=False, visual_only=False, **overrides):
@@ -35,8 +38,8 @@ def save_clip(path, seed=0, export=False, visual_only=False, **overrides):
     if visual_only:
         sd = {k: v for k, v in sd.items() if k.startswith("visual.")}
     if export:
-        args = md.parse_args(["--norm", "imagenet"])
-        md.export_weights(str(path), sd, dict(cfg, act="quickgelu"), args, "online")
+        common.export_weights(str(path), sd, dict(cfg, act="quickgelu"), norm="imagenet", method=md.METHOD,
+                              weights="online")
     else:
         torch.save(sd, path)
     return clip
@@ -53,8 +56,8 @@ def small(teacher_file, *extra, seed=0):
     args = md.parse_args(["--teacher", teacher_file, *extra])
     cfg = md.model_config(args)
     torch.manual_seed(seed)
-    model = md.build_model(cfg, args)
-    return model, md.build_teacher(model, args), args
+    model, teacher = md.build_model(cfg, args)
+    return model, teacher, args
 
 
 def images(n=4, seed=0):
@@ -126,11 +129,17 @@ def test_block_masks_are_blocky_and_deterministic():
     assert np.array_equal(a, b) and not np.array_equal(a, block(random.Random(6)))
 
 
-def test_bad_mask_counts_are_one_line_errors():
-    with pytest.raises(common.UsageError, match="between 1 and 15"):
+def test_bad_mask_counts_are_value_errors_and_one_line_usage_errors_at_start_up(teacher_file):
+    with pytest.raises(ValueError, match="between 1 and 15"):
         md.BlockMaskGenerator((4, 4), 16, 2)
-    with pytest.raises(common.UsageError, match="at least 1"):
+    with pytest.raises(ValueError, match="at least 1"):
         md.BlockMaskGenerator((4, 4), 6, 0)
+    for flags, what in ((["--num-mask-patches", "16"], "between 1 and 15"),
+                        (["--min-mask-patches-per-block", "0"], "at least 1")):
+        args = md.parse_args(["--teacher", teacher_file, *flags])
+        with pytest.raises(common.UsageError, match=what) as e:
+            md.train_transform(args, md.model_config(args))
+        assert "\n" not in str(e.value) and "--num-mask-patches" in str(e.value)
 
 
 def test_default_mask_count_is_75_of_196_scaled():
@@ -230,11 +239,12 @@ def test_init_layer_scale_and_residual_rescaling(world1, teacher_file):
         assert block.mlp.c_proj.weight.std().item() == pytest.approx(base / math.sqrt(2 * layer), rel=0.03)
         assert block.mlp.c_fc.weight.std().item() == pytest.approx(base, rel=0.03)
         assert block.mlp.c_proj.weight.abs().max() <= 0.02 / math.sqrt(2 * layer)
-    large = md.MaskDistill(md.MODELS["tiny"] | {"act": "gelu", "width": 1024, "heads": 16, "layers": 1}, 8,
-                           md.layer_scale_init(args, {"width": 1024}))
+    large = md.MaskDistill(**common.MODELS["tiny"] | {"act": "gelu", "width": 1024, "heads": 16, "layers": 1},
+                           target_dim=8, layer_scale=md.layer_scale_init(args.layer_scale_init, 1024))
     assert (large.blocks[0].gamma_1 == 1e-5).all()
-    off = md.MaskDistill(dict(md.MODELS["tiny"], act="gelu"), 8, 0.0)
+    off = md.MaskDistill(**common.MODELS["tiny"], act="gelu", target_dim=8, layer_scale=0.0)
     assert off.blocks[0].gamma_1 is None
+    assert md.layer_scale_init(None, 768) == 0.1 and md.layer_scale_init(0.5, 1024) == 0.5
 
 
 def test_no_weight_decay_groups(world1, teacher_file):
@@ -318,7 +328,7 @@ def test_variant_flags_run(world1, teacher_file, flags):
     model, teacher, args = small(teacher_file, *flags)
     transform = md.train_transform(args, md.model_config(args))
     items = [common.Shapes("train", 8, transform, target="label")[i] for i in range(4)]
-    loss, _ = md.train_step(model, model, teacher, common.collate(items), 0, 10, args, torch.device("cpu"))
+    loss, _ = md.train_step(model, model, teacher, common.collate(items), 0, SCHED, args, CPU)
     loss.backward()
     assert math.isfinite(loss.item())
     assert model.head.out_features == (48 if args.teacher_output == "ln_post_proj" else 64)
@@ -331,7 +341,7 @@ def test_a_few_steps_on_one_batch_reduce_the_loss(world1, teacher_file):
     batch = ((x, masked), torch.zeros(8), torch.zeros(8))
     losses = []
     for step in range(15):
-        loss, _ = md.train_step(model, model, teacher, batch, step, 15, args, torch.device("cpu"))
+        loss, _ = md.train_step(model, model, teacher, batch, step, SCHED, args, CPU)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -342,7 +352,7 @@ def test_a_few_steps_on_one_batch_reduce_the_loss(world1, teacher_file):
 # ---------------------------------------------------------------------------------------------- teacher
 def test_teacher_gets_no_gradient_and_stays_frozen(world1, teacher_file):
     model, teacher, args = small(teacher_file)
-    assert teacher.frozen and not md.trained(teacher)
+    assert teacher.frozen and not common.trained(teacher)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     teacher.train()
     assert not teacher.training
@@ -350,9 +360,10 @@ def test_teacher_gets_no_gradient_and_stays_frozen(world1, teacher_file):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     opt = md.make_optimizer(model, args, torch.device("cpu"))
     batch = ((images(), random_masked(4)), torch.zeros(4), torch.zeros(4))
-    loss, _ = md.train_step(model, model, teacher, batch, 0, 10, args, torch.device("cpu"))
+    loss, _ = md.train_step(model, model, teacher, batch, 0, SCHED, args, CPU)
     loss.backward()
     opt.step()
+    md.after_step(model, teacher, 0, SCHED, args)
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
@@ -421,7 +432,38 @@ def test_teacher_errors_are_one_line_and_say_how_to_get_a_teacher(world1, tmp_pa
     torch.save(sd, tmp_path / "broken.pt")
     args = md.parse_args(["--teacher", str(tmp_path / "broken.pt")])
     with pytest.raises(common.UsageError, match="does not match a CLIP ViT.*runs/clip/export_online.pt"):
-        md.build_teacher(None, args)
+        md.build_model(md.model_config(args), args)
+
+
+def test_teacher_file_is_read_once_and_the_student_init_does_not_depend_on_it(tmp_path, monkeypatch):
+    reads = []
+    read = common.read_weights_file
+    monkeypatch.setattr(common, "read_weights_file", lambda path: reads.append(path) or read(path))
+    for name in ("export.pt", "plain.pt"):
+        save_clip(tmp_path / name, seed=1, export=name == "export.pt")
+        args = md.parse_args(["--teacher", str(tmp_path / name)])
+        torch.manual_seed(0)
+        model, teacher = md.build_model(md.model_config(args), args)
+        assert reads == [str(tmp_path / name)]
+        reads.clear()
+        # the student is built before the teacher's CLIP: its weights are those of the seed alone
+        torch.manual_seed(0)
+        alone = md.MaskDistill(**md.model_config(args), target_dim=48, layer_scale=0.1)
+        assert all(torch.equal(v, alone.state_dict()[k]) for k, v in model.state_dict().items())
+    assert isinstance(teacher, md.Teacher) and teacher.frozen and teacher.input_size == 32
+
+
+def test_losses_and_a_step_run_without_a_process_group(teacher_file):
+    assert not dist.is_initialized()
+    model, teacher, args = small(teacher_file)
+    batch = ((images(), random_masked(4)), torch.zeros(4), torch.zeros(4))
+    loss, metrics = md.train_step(model, model, teacher, batch, 0, SCHED, args, CPU)
+    loss.backward()
+    assert math.isfinite(loss.item()) and metrics == {}
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    for kind in ("smooth-l1", "mse", "cosine"):
+        assert math.isfinite(md.regression_loss(pred, target, kind).item())
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -429,13 +471,12 @@ def _loss_and_grads(rank, world, teacher_path, full_images, full_masked):
     """Loss and gradients of one DDP step on this rank's slice of a fixed global batch."""
     args = md.parse_args(["--teacher", teacher_path])
     torch.manual_seed(0)
-    model = md.build_model(md.model_config(args), args)
-    teacher = md.build_teacher(model, args)
+    model, teacher = md.build_model(md.model_config(args), args)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     b = full_images.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
     batch = ((full_images[sl], full_masked[sl]), torch.zeros(b), torch.zeros(b))
-    loss, _ = md.train_step(ddp, model, teacher, batch, 0, 10, args, torch.device("cpu"))
+    loss, _ = md.train_step(ddp, model, teacher, batch, 0, SCHED, args, CPU)
     loss.backward()
     return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
@@ -488,3 +529,14 @@ def test_cli_without_arguments_prints_how_to_get_a_teacher(tmp_path):
     assert "torchrun maskclip.py --dist-weight 0 --mlm-weight 0 --out-dir runs/clip" in proc.stderr
     assert "--teacher runs/clip/export_online.pt" in proc.stderr
     assert not (tmp_path / "runs").exists()                        # failed before writing anything
+
+
+def test_image_only_flags(capsys):
+    """An image-only script has no caption, CSV, tar or context-length flags."""
+    for flag in ("--csv-img-key", "--csv-caption-key", "--csv-separator", "--train-num-samples",
+                 "--dataset-resampled", "--context-length"):
+        with pytest.raises(SystemExit):
+            md.parse_args([flag, "1"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    args = md.parse_args([])
+    assert not hasattr(args, "context_length") and md.model_config(args)["context_length"] == 24

@@ -2,7 +2,8 @@
 the prompting decoder (prompts bit-identical through every block, weights that cannot touch them,
 gradient routing, order invariance, the block formula), the losses against naive references (forward
 and gradients), the frozen teacher (no gradient, loaded from an OpenAI-layout state dict, normalisation,
-one-line errors), distributed equivalence and the real CLI."""
+one-line errors), the keyword constructors, the losses without a process group, distributed equivalence
+and the real CLI."""
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from conftest import ROOT, run_cli, run_distributed
 import common
 import milan
 
+SCHED, CPU = milan.Schedule(total=10, warmup=0, steps_per_epoch=10), torch.device("cpu")
 HOWTO = "torchrun maskclip.py --dist-weight 0 --mlm-weight 0 --out-dir runs/clip"
 TINY = ["--model", "tiny", "--workers", "0", "--batch-size", "8", "--builtin-samples", "32", "--dec-width", "32",
         "--dec-depth", "2", "--dec-heads", "4", "--knn-samples", "64", "--log-every", "1", "--eval-every", "0"]
@@ -25,7 +27,7 @@ TINY = ["--model", "tiny", "--workers", "0", "--batch-size", "8", "--builtin-sam
 def tiny_clip(seed=0, **over):
     """A tiny CLIP of the shared class (4×4 grid of 8-px patches at 32 px, as the tiny student)."""
     torch.manual_seed(seed)
-    return milan.CLIP(**dict(milan.MODELS["tiny"], act="quickgelu", **over))
+    return milan.CLIP(**dict(common.MODELS["tiny"], act="quickgelu", **over))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,8 @@ def small_args(teacher_file, *extra):
 def small_model(teacher_file, *extra, seed=0):
     args = small_args(teacher_file, *extra)
     torch.manual_seed(seed)
-    model = milan.build_model(milan.model_config(args), args)
-    return model, milan.build_teacher(model, args), args
+    model, teacher = milan.build_model(milan.model_config(args), args)
+    return model, teacher, args
 
 
 def images(n=4, seed=0):
@@ -191,6 +193,20 @@ def test_pixel_loss_matches_naive():
     torch.testing.assert_close(pred.grad, pred2.grad)
 
 
+def test_losses_and_a_training_step_run_without_a_process_group(teacher_file):
+    """Copied into a program that never calls init_process_group, the losses and the step still run."""
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(2, 17, 8, generator=g), torch.randn(2, 17, 8, generator=g)
+    torch.testing.assert_close(milan.milan_loss(pred, target)[0], naive_cosine_loss(pred, target))
+    assert torch.isfinite(milan.pixel_loss(torch.randn(2, 4, 192, generator=g), torch.randn(2, 3, 16, 16), 8)[0])
+    model, teacher, args = small_model(teacher_file)
+    loss, metrics = milan.train_step(model, model, teacher, (images(), None, None), 0, SCHED, args, CPU)
+    loss.backward()
+    assert torch.isfinite(loss) and set(metrics) == {"loss_masked", "loss_visible"}
+
+
 # ---------------------------------------------------------------------------------------------- decoder
 def test_prompts_are_bit_identical_through_every_block_and_no_decoder_weight_touches_them(teacher_file):
     model, _, _ = small_model(teacher_file)
@@ -302,6 +318,23 @@ def test_mae_decoder_ablation_updates_visible_tokens(teacher_file):
         assert not torch.allclose(model.predict(x, keep, masked).gather(1, rows), pred.gather(1, rows))
 
 
+def test_keyword_constructors_and_value_errors(teacher_file):
+    cfg = milan.encoder_config(milan.model_config(small_args(teacher_file)))
+    torch.manual_seed(0)
+    model = milan.MILAN(**cfg, target_dim=8, dec_width=32, dec_depth=1, dec_heads=4)
+    assert model.loss_on == "all" and model.decoder_pred.out_features == 8
+    assert milan.MILAN(**cfg, target="pixels", dec_width=32, dec_depth=1, dec_heads=4).loss_on == "masked"
+    with pytest.raises(ValueError, match="not divisible"):
+        milan.MILAN(**cfg, target_dim=8, dec_width=32, dec_depth=1, dec_heads=3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        milan.sincos_2d(4, 30)
+    with pytest.raises(TypeError):
+        milan.MAEEncoder(32, 8, 128, 4, 2, "gelu")  # keywords only
+    teacher = milan.CLIPTeacher(visual=tiny_clip().visual, student_norm=common.NORMS["clip"],
+                                teacher_norm=common.NORMS["clip"])
+    assert teacher.embed_dim == 128 and torch.equal(teacher.scale, torch.ones(3, 1, 1))
+
+
 # ---------------------------------------------------------------------------------------------- teacher
 def test_teacher_loads_openai_state_dict_is_frozen_and_gets_no_gradient(teacher_file, world1):
     clip = tiny_clip()
@@ -319,8 +352,7 @@ def test_teacher_loads_openai_state_dict_is_frozen_and_gets_no_gradient(teacher_
     with torch.no_grad():
         expected = clip.visual.ln_post(clip.visual(x)) @ clip.visual.proj   # --norm = --teacher-norm: no conversion
     torch.testing.assert_close(teacher(x)[0], expected)
-    loss, metrics = milan.train_step(model, model, teacher, (x, torch.zeros(4), torch.zeros(4)), 0, 10, args,
-                                     torch.device("cpu"))
+    loss, metrics = milan.train_step(model, model, teacher, (x, torch.zeros(4), torch.zeros(4)), 0, SCHED, args, CPU)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert model.encoder.patch_embed.weight.grad is not None
@@ -358,10 +390,14 @@ def test_bad_teachers_fail_with_one_line_that_says_how_to_get_one(teacher_file, 
             milan.build_model(milan.model_config(args), args)
     # plain MAE (pixels, random masking) needs no teacher
     args = milan.parse_args(["--target", "pixels", "--mask", "random"])
-    model = milan.build_model(milan.model_config(args), args)
-    assert milan.build_teacher(model, args) is None and model.loss_on == "masked"
-    loss, _ = milan.train_step(model, model, None, (images(), None, None), 0, 10, args, torch.device("cpu"))
+    model, teacher = milan.build_model(milan.model_config(args), args)
+    assert teacher is None and model.loss_on == "masked"
+    loss, _ = milan.train_step(model, model, None, (images(), None, None), 0, SCHED, args, CPU)
     assert torch.isfinite(loss)
+    # a decoder width the heads do not divide: ValueError in the class, a one-line UsageError at start-up
+    with pytest.raises(common.UsageError, match="--dec-heads 3"):
+        milan.build_model(milan.model_config(args), milan.parse_args(["--target", "pixels", "--mask", "random",
+                                                                      "--dec-heads", "3"]))
 
 
 def test_recipe_defaults_and_weight_decay(teacher_file):
@@ -372,6 +408,9 @@ def test_recipe_defaults_and_weight_decay(teacher_file):
         (40, 0, 0, 0, 0.2, "imagenet")
     assert (args.mask, args.mask_ratio, args.decoder, args.target, args.dec_width, args.dec_depth,
             args.dec_heads) == ("semantic", 0.75, "prompting", "clip", 512, 8, 16)
+    for flag in ("--csv-img-key", "--context-length", "--train-num-samples"):  # image-only: no caption flags
+        with pytest.raises(SystemExit):
+            milan.parse_args([flag, "1"])
     model, _, args = small_model(teacher_file)
     opt = milan.make_optimizer(model, args, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}

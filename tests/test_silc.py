@@ -1,13 +1,14 @@
 """SILC: the multi-crop views, both contrastive losses and the DINO loss against naive references (forward and
-gradients; centring and the teacher-temperature schedule included), the EMA teacher, the DINO head, the dense
-features and the segmentation metric, exports and eval_towers, distributed equivalence in two gloo processes,
-and the real CLI (smoke runs of SILC-C and SILC-S, bad input)."""
+gradients; centring and the teacher-temperature schedule included), the losses without a process group, the EMA
+teacher, the DINO head, the dense features and the segmentation metric, exports and eval_towers, distributed
+equivalence in two gloo processes, and the real CLI (smoke runs of SILC-C and SILC-S, bad input)."""
 import json
 import math
 import random
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import run_cli, run_distributed
@@ -24,8 +25,8 @@ def small_model(*extra, seed=0):
     torch.manual_seed(seed)
     args = silc.parse_args([*SMALL, *extra])
     cfg = silc.model_config(args)
-    model = silc.build_model(cfg, args)
-    return model, silc.build_teacher(model, args), args
+    model, teacher = silc.build_model(cfg, args)
+    return model, teacher, args
 
 
 def views(n=4, n_local=2, seed=0):
@@ -176,12 +177,12 @@ def test_dino_loss_matches_naive_forward_and_backward(cross):
 
 def test_teacher_targets_centring_and_temperature_schedule_match_naive(world1):
     model, teacher, args = small_model("--warmup-teacher-temp-steps", "4", "--center-momentum", "0.8")
-    temps = [silc.teacher_temperature(s, 100, args) for s in range(7)]
+    temps = [silc.teacher_temperature(s, 4, 0.04, 0.07) for s in range(7)]
     assert temps[:5] == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07]) and temps[6] == 0.07
     c = torch.zeros(1, 16)
     for step in (0, 1, 2, 5):
         g, local, texts = views(seed=step)
-        tau_t = silc.teacher_temperature(step, 100, args)
+        tau_t = silc.teacher_temperature(step, 4, args.warmup_teacher_temp, args.teacher_temp)
         with torch.no_grad():
             raw = teacher.dino_head(silc.pooled_embedding(teacher, g))       # (2B, K) raw teacher logits
         probs = teacher.targets(g, tau_t)                                    # (2, B, K), centred with c, then c moves
@@ -195,9 +196,51 @@ def test_teacher_targets_centring_and_temperature_schedule_match_naive(world1):
         torch.testing.assert_close(loss, metrics["loss_con"] + metrics["loss_sd"])
         c = 0.8 * c + 0.2 * raw.mean(0, keepdim=True)                        # from the raw logits
         torch.testing.assert_close(teacher.center, c)
-    # the default warm-up length is the LR warm-up's: 13312 built-in samples / 128 per batch × 0.5 epochs
-    assert silc.lr_warmup_steps(silc.parse_args([]), 312) == 52
-    assert silc.teacher_temperature(51, 312, silc.parse_args([])) < 0.07 == silc.teacher_temperature(52, 312, silc.parse_args([]))
+
+
+def test_teacher_temperature_warms_up_over_the_lr_warm_up(world1, monkeypatch):
+    """train_step takes τ_t's warm-up length from sched.warmup (the LR warm-up's) unless
+    --warmup-teacher-temp-steps is given. For the demo that is 13312 built-in samples / 128 per batch × 0.5
+    epochs = 52 steps, the length the script used before the Schedule existed."""
+    demo = silc.parse_args([])
+    data = common.train_loader(demo, transform=None, kind="image-text", rank=0, world_size=1)
+    assert int(demo.warmup_epochs * data.steps_per_epoch) == 52
+    model, teacher, args = small_model()
+    taus = []
+    real = teacher.targets
+    monkeypatch.setattr(teacher, "targets", lambda crops, tau_t: taus.append(tau_t) or real(crops, tau_t))
+    g, local, texts = views()
+    batch = ((*g.view(2, 4, 3, 32, 32), *local.view(2, 4, 3, 16, 16)), texts, torch.zeros(4))
+    sched = silc.Schedule(312, 52, 104)
+    for step in (0, 26, 51, 52, 300):
+        silc.train_step(model, model, teacher, batch, step, sched, args, torch.device("cpu"))
+    assert taus[:3] == pytest.approx([0.04, 0.055, 0.04 + 0.03 * 51 / 52]) and taus[3:] == [0.07, 0.07]
+    args.warmup_teacher_temp_steps = 2
+    silc.train_step(model, model, teacher, batch, 1, sched, args, torch.device("cpu"))
+    assert taus[-1] == pytest.approx(0.055)
+
+
+def test_losses_and_a_step_run_without_a_process_group():
+    """The losses, the centre update and a whole forward with the teacher in a plain program (no
+    init_process_group), with SILC and Teacher built from keywords as a copy in another program would."""
+    assert not dist.is_initialized()
+    img, txt = embeddings()
+    t, b = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    torch.testing.assert_close(sum(silc.contrastive_loss(img, txt, t)) / 2, naive_softmax(img, txt, t.exp()))
+    torch.testing.assert_close(silc.sigmoid_loss(img, txt, t, b), naive_sigmoid(img, txt, t.exp(), b))
+    u = torch.randn(6, 5)
+    torch.testing.assert_close(silc.center_update(torch.ones(1, 5), u, 0.9), 0.9 + 0.1 * u.mean(0, keepdim=True))
+    for loss, pool in (("softmax", "cls"), ("sigmoid", "map")):
+        torch.manual_seed(0)
+        model = silc.SILC(**common.MODELS["tiny"], act="gelu", loss=loss, pool=pool, out_dim=16, head_hidden=32,
+                          head_bottleneck=8, distill_global_cross=True)
+        teacher = silc.Teacher(model, center_momentum=0.8)
+        g, local, texts = views()
+        total, metrics = model(g, texts, local, teacher_probs=teacher.targets(g, 0.04))
+        torch.testing.assert_close(total, metrics["loss_con"] + metrics["loss_sd"])
+        assert teacher.center.abs().sum() > 0 and torch.isfinite(total)
+    with pytest.raises(ValueError, match="pool"):
+        silc.SILC(**common.MODELS["tiny"], pool="auto")
 
 
 # ---------------------------------------------------------------------------------------------- teacher, heads
@@ -214,7 +257,8 @@ def test_teacher_starts_equal_gets_no_grad_and_ema_is_exact_and_fixed(world1):
     assert not teacher.training
     g, local, texts = views()
     batch = ((*g.view(2, 4, 3, 32, 32), *local.view(2, 4, 3, 16, 16)), texts, torch.zeros(4))
-    loss, _ = silc.train_step(model, model, teacher, batch, 0, 10, args, torch.device("cpu"))
+    sched = silc.Schedule(10, 0, 10)
+    loss, _ = silc.train_step(model, model, teacher, batch, 0, sched, args, torch.device("cpu"))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in model.parameters())                          # every trained part is reached
@@ -222,15 +266,14 @@ def test_teacher_starts_equal_gets_no_grad_and_ema_is_exact_and_fixed(world1):
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    silc.after_step(model, teacher, 0, 10, args)                                         # constant m = 0.9
+    silc.after_step(model, teacher, 0, sched, args)                                      # constant m = 0.9
     for name in teacher.parts():
         for n, p in getattr(model, name).named_parameters():
             key = f"{name}.{n}"
             torch.testing.assert_close(teacher.state_dict()[key], 0.9 * before[key] + 0.1 * p.detach(), msg=key)
-    assert all(silc.ema_momentum(s, 10, args) == 0.9 for s in range(10))                # never annealed to 1
-    args.ema_schedule = "cosine"
-    assert silc.ema_momentum(0, 10, args) == pytest.approx(0.9) and silc.ema_momentum(10, 10, args) == pytest.approx(1.0)
-    assert silc.ema_momentum(5, 10, args) == pytest.approx(0.95)
+    assert all(silc.ema_momentum(s, 10, args.ema_momentum) == 0.9 for s in range(10))   # never annealed to 1
+    cosine = [silc.ema_momentum(s, 10, 0.9, "cosine") for s in (0, 5, 10)]
+    assert cosine == pytest.approx([0.9, 0.95, 1.0])
 
 
 def test_map_and_gap_teachers_copy_their_pooling(world1):
@@ -271,7 +314,14 @@ def test_dense_features(world1, pool, readout):
         torch.testing.assert_close(dense[:, 3], model.map_head(tokens[:, 3:4]))
 
 
+def _as_dense(scores):
+    """Score maps (b, 8 + 64, h, w) as patch embeddings (b, h·w, 72) against the one-hot classifier eye(72), so
+    that common.segmentation_confusion's cosines are the scores divided by their norm over the prompts."""
+    return scores.flatten(2).transpose(1, 2), torch.eye(scores.shape[1])
+
+
 def test_segmentation_confusion_and_background_rule():
+    """The segmentation metric of evaluate() (common.segmentation_confusion and common.miou) on hand-made scores."""
     n_bg, C = 8, 64
     masks = torch.zeros(2, 8, 8, dtype=torch.long)
     masks[0, :4, :4] = 1 + 5                                             # class 5 in the top-left quarter
@@ -280,17 +330,18 @@ def test_segmentation_confusion_and_background_rule():
     scores[:, 2] = 1.0                                                   # a background prompt wins everywhere ...
     scores[0, n_bg + 5, 0, 0] = 2.0                                      # ... except on the objects' patches
     scores[1, n_bg + 63, 1, 1] = 2.0
-    conf = silc.segmentation_confusion(scores, masks, n_bg)
+    conf = common.segmentation_confusion(*_as_dense(scores), n_bg, (2, 2), masks)
     assert conf.shape == (65, 65) and conf.sum() == 128
-    up = F.interpolate(scores, size=(8, 8), mode="bilinear", align_corners=False).argmax(1)
+    cos = scores / scores.norm(dim=1, keepdim=True)
+    up = F.interpolate(cos, size=(8, 8), mode="bilinear", align_corners=False).argmax(1)
     pred = (up - n_bg + 1).clamp(min=0)
     ious = []
     for k in (0, 6, 64):
         inter, union = ((pred == k) & (masks == k)).sum(), ((pred == k) | (masks == k)).sum()
         ious.append(inter / union)
         assert conf[k, k] == inter
-    assert silc.miou(conf) == pytest.approx(100 * sum(ious).item() / 3)
-    assert silc.miou(silc.segmentation_confusion(_oracle(masks), masks, n_bg)) == 100
+    assert common.miou(conf)[0] == pytest.approx(100 * sum(ious).item() / 3)
+    assert common.miou(common.segmentation_confusion(*_as_dense(_oracle(masks)), n_bg, (8, 8), masks))[0] == 100
 
 
 def _oracle(masks):
@@ -302,7 +353,7 @@ def _oracle(masks):
 # ---------------------------------------------------------------------------------------------- weights
 def checkpoint_of(model, teacher, args):
     cfg = silc.model_config(args)
-    return {"method": "silc", "config": cfg, "args": silc.plain(vars(args)), "model": model.state_dict(),
+    return {"method": "silc", "config": cfg, "args": common.plain(vars(args)), "model": model.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None}
 
 
@@ -312,14 +363,15 @@ def test_cls_model_exports_openai_layout_and_eval_towers(world1, tmp_path):
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))                           # an EMA that differs from the student
     exports = silc.export_state_dicts(model.state_dict(), teacher.state_dict())
-    assert set(exports) == {"online", "ema"} and all(k.startswith(silc.OPENAI_PREFIXES) for k in exports["online"])
+    assert set(exports) == {"online", "ema"} and all(k.startswith(common.OPENAI_PREFIXES) for k in exports["online"])
     g, _, texts = views()
     for name, sd in exports.items():
-        silc.export_weights(tmp_path / f"{name}.pt", sd, silc.model_config(args), args, name)
-    clip, _ = silc.load_clip(str(tmp_path / "online.pt"))
+        common.export_weights(tmp_path / f"{name}.pt", sd, silc.model_config(args), norm=args.norm, method="silc",
+                              weights=name)
+    clip, _ = common.load_clip(str(tmp_path / "online.pt"), silc.CLIP, silc.VisionTransformer)
     torch.testing.assert_close(clip.encode_image(g), model.encode_image(g))
     torch.testing.assert_close(clip.encode_text(texts), model.encode_text(texts))
-    ema, _ = silc.load_clip(str(tmp_path / "ema.pt"))
+    ema, _ = common.load_clip(str(tmp_path / "ema.pt"), silc.CLIP, silc.VisionTransformer)
     torch.testing.assert_close(ema.encode_image(g), silc.pooled_embedding(teacher, g))
     towers = silc.eval_towers(checkpoint_of(model, teacher, args))
     torch.testing.assert_close(towers["ema"].encode_image(g), silc.pooled_embedding(teacher, g))
@@ -413,7 +465,7 @@ def test_cli_smoke_run_exports_and_eval_towers(tmp_path):
     assert {"online/top1", "ema/top1", "online/miou", "ema/miou"} <= set(records[-1]["eval"])
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     towers = silc.eval_towers(ckpt)
-    clip, _ = silc.load_clip(str(out / "export_ema.pt"))
+    clip, _ = common.load_clip(str(out / "export_ema.pt"), silc.CLIP, silc.VisionTransformer)
     g, _, _ = views()
     torch.testing.assert_close(towers["ema"].encode_image(g), clip.encode_image(g))
     assert ckpt["teacher"]["center"].abs().sum() > 0                    # the centre moved and is saved
@@ -422,12 +474,12 @@ def test_cli_smoke_run_exports_and_eval_towers(tmp_path):
 def test_map_model_segmentation_path(world1):
     """The MAP model's dense readouts through the evaluation's segmentation path (cheap: 16 images)."""
     model, teacher, args = small_model("--loss", "sigmoid", "--seg-readout", "map_value")
-    cfg = silc.model_config(args)
-    classifier = silc.segmentation_classifier(model.encode_text, args.context_length, torch.device("cpu"))
+    classifier = common.shapes_segmentation_classifier(model.encode_text, args.context_length, torch.device("cpu"))
     assert classifier.shape == (8 + 64, 128)
     for tower in (model, teacher):
-        value = silc.zero_shot_segmentation(lambda x: silc.dense_embedding(tower, x, "map_value"), classifier, cfg,
-                                            args, torch.device("cpu"), n_images=16)
+        value = common.shapes_segmentation(lambda x: silc.dense_embedding(tower, x, "map_value"), classifier,
+                                           image_size=32, patch_size=8, norm=args.norm, device=torch.device("cpu"),
+                                           n_images=16)
         assert 0 <= value <= 100
 
 

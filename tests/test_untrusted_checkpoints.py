@@ -34,6 +34,11 @@ def script(request):
     return importlib.import_module(request.param)
 
 
+def load_clip(script, path):
+    """common.load_clip with the script's own CLIP and VisionTransformer (its shared model section)."""
+    return common.load_clip(path, script.CLIP, script.VisionTransformer)
+
+
 def assert_one_line(err, *words):
     msg = str(err.value)
     assert "\n" not in msg, msg
@@ -44,7 +49,7 @@ def assert_one_line(err, *words):
 def test_malicious_pickle_does_not_run(script, tmp_path):
     marker = tmp_path / "pwned"
     evil_checkpoint(tmp_path / "evil.pt", marker)
-    for loader in (script.read_weights_file, script.load_checkpoint, script.load_clip):
+    for loader in (common.read_weights_file, common.load_checkpoint, lambda path: load_clip(script, path)):
         with pytest.raises(common.UsageError) as err:
             loader(str(tmp_path / "evil.pt"))
         assert_one_line(err, "evil.pt")
@@ -52,7 +57,7 @@ def test_malicious_pickle_does_not_run(script, tmp_path):
 
 
 def test_truncated_empty_and_non_checkpoint_files(script, tmp_path, world1):
-    cfg = dict(script.MODELS["tiny"], act="quickgelu")
+    cfg = dict(common.MODELS["tiny"], act="quickgelu")
     torch.save(script.CLIP(**cfg).state_dict(), tmp_path / "good.pt")
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -60,33 +65,33 @@ def test_truncated_empty_and_non_checkpoint_files(script, tmp_path, world1):
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     for name in ("truncated.pt", "empty.pt", "text.pt"):
         with pytest.raises(common.UsageError) as err:
-            script.load_clip(str(tmp_path / name))
+            load_clip(script, str(tmp_path / name))
         assert_one_line(err, name, "expected")
     with pytest.raises(common.UsageError) as err:
-        script.load_clip(str(tmp_path / "missing.pt"))
+        load_clip(script, str(tmp_path / "missing.pt"))
     assert_one_line(err, "missing.pt", "does not exist")
-    clip, _ = script.load_clip(str(tmp_path / "good.pt"))  # the intact file loads
+    clip, _ = load_clip(script, str(tmp_path / "good.pt"))  # the intact file loads
     assert clip.visual.grid == 4
 
 
 def test_state_dict_of_another_architecture(script, tmp_path):
-    cfg = dict(script.MODELS["tiny"], act="quickgelu")
+    cfg = dict(common.MODELS["tiny"], act="quickgelu")
     sd = script.CLIP(**cfg).state_dict()
     del sd["visual.ln_post.weight"]
     sd["visual.extra"] = torch.zeros(1)
     torch.save(sd, tmp_path / "odd.pt")
     with pytest.raises(common.UsageError) as err:
-        script.load_clip(str(tmp_path / "odd.pt"))
+        load_clip(script, str(tmp_path / "odd.pt"))
     assert_one_line(err, "odd.pt", "missing", "unexpected")
     torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pt")
     with pytest.raises(common.UsageError) as err:
-        script.load_clip(str(tmp_path / "resnet.pt"))
+        load_clip(script, str(tmp_path / "resnet.pt"))
     assert_one_line(err, "resnet.pt", "visual.conv1.weight")
 
 
 def test_torchscript_archive_is_read_for_tensors_only(script, tmp_path, world1):
     torch.manual_seed(0)
-    cfg = dict(script.MODELS["tiny"], act="quickgelu")
+    cfg = dict(common.MODELS["tiny"], act="quickgelu")
 
     class Traceable(script.CLIP):
         def forward(self, image, text):
@@ -105,10 +110,10 @@ def test_torchscript_archive_is_read_for_tensors_only(script, tmp_path, world1):
             dst.writestr(item, data)
     with pytest.raises(Exception):
         torch.jit.load(str(tmp_path / "poisoned.pt"))  # what running the code would do: it does not compile
-    sd = script.read_torchscript_tensors(str(tmp_path / "poisoned.pt"))
+    sd = common.read_torchscript_tensors(str(tmp_path / "poisoned.pt"))
     ref = model.state_dict()
     assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
-    clip, info = script.load_clip(str(tmp_path / "poisoned.pt"))
+    clip, info = load_clip(script, str(tmp_path / "poisoned.pt"))
     torch.testing.assert_close(clip.encode_image(images), model.encode_image(images))
     assert not (tmp_path / "pwned").exists()
 
@@ -120,7 +125,7 @@ def test_torchscript_reader_refuses_foreign_globals(script, tmp_path):
         z.writestr("fake/data.pkl", payload)
         z.writestr("fake/code/__torch__/m.py", "def forward(): pass\n")
     with pytest.raises(common.UsageError) as err:
-        script.load_clip(str(tmp_path / "fake.pt"))
+        load_clip(script, str(tmp_path / "fake.pt"))
     assert_one_line(err, "fake.pt")
     assert not (tmp_path / "pwned").exists()
 
