@@ -1386,7 +1386,7 @@ def make_parser(description, method, kind):
     g.add_argument("--model", choices=list(MODELS), help="model size")
     g.add_argument("--act", choices=["quickgelu", "gelu"], help="MLP activation")
     if kind == "image-text":
-        g.add_argument("--context-length", type=int, help="text tokens (default: the model size's)")
+        g.add_argument("--context-length", type=int, help="text tokens (the model size's when no default is set)")
     g.add_argument("--norm", choices=list(NORMS), help="pixel normalisation constants")
     g.add_argument("--crop-scale", type=float, help="smallest area fraction of the random training crop")
     g = p.add_argument_group("optimisation")
