@@ -19,10 +19,11 @@ Objective (released code: models.py ACLIP, get_mask, get_att_mask; losses.py ACL
     L = 0.5·L_itc,1 + 0.5·L_itc,2 + 1·L_ssl + 2·L_o2e
     θ_ema ← m·θ_ema + (1-m)·θ,  m_t = 1 - (1 - 0.996)·(1 + cos(π t / T)) / 2, at the start of every step
 
-Differs from CLIP in the `# <method>` sections only: `--mask none --views 1 --loss-weights 1 0 0 0` is plain
-CLIP (with a 3-crop data pipeline); `--mask` and `--views` give the rows of the paper's Table 2a.
+Differs from CLIP in the `# <method>` sections only: `--mask none --views 1 --loss-weights 1 0 0 0
+--photo-aug none` is SLIP's plain CLIP; `--mask` and `--views` give the rows of the paper's Table 2a.
 A-CLIP-eff (`--eff`; the released code has no such switch, our reading of the paper): the EMA scorer sees
-a view of half the image size (112 px for 224), a 7x7 map aligned straight at the block grid.
+a view of half the image size (112 px for 224), a 7x7 map aligned straight at the block grid. It counts
+1.08 × CLIP's FLOPs per image, so the paper's 0.86 × is not expected from it.
 Read one step: train_step → Teacher.update → Teacher.score_and_target → attentive_keep → ACLIP.forward.
 
 Project choices where the paper is silent or the released code is wrong:
@@ -62,7 +63,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -78,7 +79,8 @@ DATA_KIND = "image-text"  # what the training data must provide: image-text pair
 RECIPE = dict(model="ViT-B/16", batch_size=4096, epochs=25, lr=5e-4, lr_start=1e-6, lr_end=1e-5,
               warmup_epochs=1.0, act="quickgelu", wd=0.5, beta1=0.9, beta2=0.98, eps=1e-8, grad_clip=0.0,
               norm="imagenet", crop_scale=0.5, eval_every=1.0, workers=8, keep_ratio=0.5, block_size=2,
-              ssl_hidden=4096, ssl_dim=256, ema_momentum=0.996, photo_aug="aclip")
+              ssl_hidden=4096, ssl_dim=256, ema_momentum=0.996, photo_aug="aclip",
+              csv_caption_key="title,description")
 # The built-in demo: what runs when --train-data is not given (tiny model, shapes rendered on the fly).
 DEMO = dict(model="tiny", batch_size=128, epochs=3, lr=1e-3, lr_start=1e-6, lr_end=1e-5, warmup_epochs=0.5,
             wd=0.1, crop_scale=0.9, builtin_samples=16384, eval_every=0.0, workers=1, keep_ratio=0.5,
@@ -87,20 +89,24 @@ DEMO = dict(model="tiny", batch_size=128, epochs=3, lr=1e-3, lr_start=1e-6, lr_e
 
 def add_method_args(p):
     g = p.add_argument_group("A-CLIP")
-    g.add_argument("--keep-ratio", type=float, help="fraction of blocks kept (paper recipe 0.5)")
-    g.add_argument("--block-size", type=int, help="patches per block side for the selection (paper recipe 2)")
-    g.add_argument("--loss-weights", type=float, nargs=4, default=[0.5, 0.5, 1.0, 2.0],
+    g.add_argument("--keep-ratio", type=common.fraction(lo_open=True),
+                   help="fraction of blocks kept (paper recipe 0.5)")
+    g.add_argument("--block-size", type=common.at_least(1, eg=2),
+                   help="patches per block side for the selection (paper recipe 2)")
+    g.add_argument("--loss-weights", type=common.at_least(0, float, 1), nargs=4, default=[0.5, 0.5, 1.0, 2.0],
                    metavar=("ITC1", "ITC2", "SSL", "O2E"), help="weights of L_itc,1, L_itc,2, L_ssl, L_o2e "
                                                                   "(0 for SSL or O2E: that head is not built)")
-    g.add_argument("--simclr-tau", type=float, default=0.1, help="SimCLR temperature")
-    g.add_argument("--ssl-hidden", type=int, help="hidden width of the SimCLR and BYOL heads (paper recipe 4096)")
-    g.add_argument("--ssl-dim", type=int, help="output width of the SimCLR and BYOL heads (paper recipe 256)")
-    g.add_argument("--ema-momentum", type=float,
+    g.add_argument("--simclr-tau", type=common.positive(0.1), default=0.1, help="SimCLR temperature")
+    g.add_argument("--ssl-hidden", type=common.at_least(1, eg=4096),
+                   help="hidden width of the SimCLR and BYOL heads (paper recipe 4096)")
+    g.add_argument("--ssl-dim", type=common.at_least(1, eg=256),
+                   help="output width of the SimCLR and BYOL heads (paper recipe 256)")
+    g.add_argument("--ema-momentum", type=common.fraction(eg=0.996),
                    help="EMA momentum at step 0, cosine to 1 at the last step (paper recipe 0.996)")
     g.add_argument("--photo-aug", choices=["aclip", "none"],
                    help="photometric augmentation of the online views: colour jitter, grayscale, blur, "
                         "solarize (paper recipe 'aclip')")
-    g.add_argument("--save-masks", type=int, default=0,
+    g.add_argument("--save-masks", type=common.at_least(0, eg=100), default=0,
                    help="every N steps write masks_<step>.png to --out-dir: views with kept and dropped patches")
     g = p.add_argument_group("A-CLIP ablations (Table 2a/2b rows, A-CLIP-eff, the released code's behaviour)")
     g.add_argument("--mask", default="attentive", choices=["attentive", "random", "none"],
@@ -112,8 +118,9 @@ def add_method_args(p):
                    help="[CLS] attention averaged over all layers (paper) or the last layer only")
     g.add_argument("--eff", action="store_true",
                    help="A-CLIP-eff: the EMA scorer sees a view of half the image size (112 px for 224)")
-    g.add_argument("--ema-img-size", type=int, help="EMA view size in pixels (default: the model's image size; "
-                                                    "half of it with --eff)")
+    g.add_argument("--ema-img-size", type=common.at_least(1, eg=112),
+                   help="EMA view size in pixels (default: the model's image size; "
+                        "half of it with --eff)")
     g.add_argument("--keep-extra-block", action=argparse.BooleanOptionalAction, default=True,
                    help="keep ⌊G·ratio⌋+1 blocks (25 of 49, as the released code) instead of ⌊G·ratio⌋")
     g.add_argument("--three-crop-fix", action=argparse.BooleanOptionalAction, default=True,
@@ -197,18 +204,19 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x, causal=False, cls_attention=False):
-        """x: (B, N, D) -> (B, N, D). With cls_attention=True also returns every block's [CLS] attention
-        row, averaged over heads: (layers, B, N)."""
+    def forward(self, x, causal=False, cls_attention=0):
+        """x: (B, N, D) -> (B, N, D). With cls_attention=n > 0 also returns the [CLS] attention rows of the
+        last n blocks, averaged over heads: (n, B, N); the other blocks do not compute theirs."""
         maps = []
-        for block in self.resblocks:
+        for i, block in enumerate(self.resblocks):
+            row = i >= self.layers - cls_attention
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, cls_attention, use_reentrant=False)
+                x = checkpoint(block, x, causal, row, use_reentrant=False)
             else:
-                x = block(x, causal, cls_attention)
-            if cls_attention:
-                x, row = x
-                maps.append(row)
+                x = block(x, causal, row)
+            if row:
+                x, r = x
+                maps.append(r)
         return (x, torch.stack(maps)) if cls_attention else x
 
 
@@ -226,44 +234,45 @@ def init_transformer(tower):
 
 class VisionTransformer(nn.Module):
     """ViT with OpenAI CLIP's parameter names. Returns every token, so that teachers and decoders get the
-    patch features, not only the pooled [CLS]."""
+    patch features, not only the pooled [CLS]. class_token=False: no [CLS] and no ln_pre (big_vision's ViT,
+    for heads that pool the patches)."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act):
+    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act, class_token=True):
         super().__init__()
-        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_size, self.grid, self.n_cls = patch_size, image_size // patch_size, int(class_token)
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.n_cls + self.grid ** 2, width))
+        self.ln_pre = nn.LayerNorm(width) if class_token else nn.Identity()
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def pos_embed(self, gh, gw):
-        """Position embedding for a gh × gw grid, [CLS] row first: (1 + gh·gw, D). Bicubically interpolated
-        when the grid differs from the one the model was built for (other input sizes)."""
+        """Position embedding for a gh × gw grid, [CLS] row first if any: (n_cls + gh·gw, D). Bicubically
+        interpolated when the grid differs from the one the model was built for (other input sizes)."""
         if (gh, gw) == (self.grid, self.grid):
             return self.positional_embedding
-        cls, patches = self.positional_embedding[:1], self.positional_embedding[1:]
+        cls, patches = self.positional_embedding[:self.n_cls], self.positional_embedding[self.n_cls:]
         patches = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)      # (1, D, g, g)
         patches = F.interpolate(patches.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (1+gh·gw, D)
+        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (n_cls+gh·gw, D)
 
-    def forward(self, x, keep=None, cls_attention=False):
+    def forward(self, x, keep=None, cls_attention=0):
         """x: (B, 3, H, W); keep: (B, K) indices of the patches to encode, or None for all. Each kept patch
-        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS]
-        first: (B, 1+K, D) (and the [CLS] attention maps with cls_attention=True, see Transformer)."""
+        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS] first
+        if any: (B, n_cls+K, D) (and the last cls_attention blocks' [CLS] rows, see Transformer)."""
         x = self.conv1(x)                                          # (B, D, gh, gw)
         B, D, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)                           # (B, N, D)
         pos = self.pos_embed(gh, gw).to(x.dtype)
-        x = x + pos[1:]
+        x = x + pos[self.n_cls:]
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, D))     # (B, K, D)
-        cls = (self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D)
-        x = self.ln_pre(torch.cat([cls, x], dim=1))                # (B, 1+K, D)
-        return self.transformer(x, cls_attention=cls_attention)
+        if self.n_cls:
+            x = torch.cat([(self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D), x], dim=1)  # (B, 1+K, D)
+        return self.transformer(self.ln_pre(x), cls_attention=cls_attention)
 
 
 class CLIP(nn.Module):
@@ -272,9 +281,9 @@ class CLIP(nn.Module):
     `logit_scale`, ...), so that OpenAI and open_clip ViT checkpoints load with strict checks."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, context_length, text_width, text_layers,
-                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE):
+                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE, class_token=True):
         super().__init__()
-        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act)
+        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act, class_token)
         self.token_embedding = nn.Embedding(vocab_size, text_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, text_width))
         self.transformer = Transformer(text_width, text_layers, text_heads, act)
@@ -317,10 +326,10 @@ class CLIP(nn.Module):
 # <method> Masking
 # ----------------------------------------------------------------------------------------------------
 def cls_attention_score(maps, layers="all"):
-    """The EMA encoder's [CLS] -> patch attention. maps: (layers, B, 1+N), every block's [CLS] row averaged
-    over heads (Transformer(..., cls_attention=True)). Returns (B, N): the mean over layers (or the last
-    layer) of the patch columns, not renormalised after the [CLS] column is dropped (models.py
-    forward_features)."""
+    """The EMA encoder's [CLS] -> patch attention. maps: (n, B, 1+N), the [CLS] rows of the last n blocks
+    averaged over heads (Transformer(..., cls_attention=n): all blocks, or the last one). Returns (B, N): the
+    mean over layers (or the last layer) of the patch columns, not renormalised after the [CLS] column is
+    dropped (models.py forward_features)."""
     rows = maps.float().mean(0) if layers == "all" else maps[-1].float()     # (B, 1+N)
     return rows[:, 1:]                                                       # s_j, (B, N)
 
@@ -386,40 +395,6 @@ def random_keep(n, grid, block, n_keep, device):
     """`--mask random`: n_keep blocks drawn uniformly per sample, as patch indices (n, n_keep·block²)."""
     blocks = torch.rand(n, (grid // block) ** 2, device=device).argsort(dim=1)[:, :n_keep]
     return blocks_to_patches(blocks, grid, block)
-
-
-def save_mask_grid(path, images, ema, boxes, keep, patch, mean, std, rows=8, tile=96):
-    """--save-masks: a PNG, one row per sample: the EMA view (if any) with the crop boxes drawn on it, then
-    each online view with its dropped patches darkened. images: (V·B, 3, S, S) view-major; ema: (B, 3, Se,
-    Se) or None; boxes: (B, V+1, 4); keep: (V·B, K) or None."""
-    B, S = boxes.shape[0], images.shape[-1]
-    V, g = images.shape[0] // B, S // patch
-    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-
-    def to_pil(x, kept=1.0):                                                     # dropped patches darkened
-        x = ((x.detach().float().cpu() * std + mean).clamp(0, 1) * (0.25 + 0.75 * kept)).permute(1, 2, 0)
-        return Image.fromarray((x * 255).round().byte().numpy()).resize((tile, tile), Image.NEAREST)
-
-    sheet = Image.new("RGB", ((V + (ema is not None)) * (tile + 4), min(rows, B) * (tile + 4)), (255, 255, 255))
-    for i in range(min(rows, B)):
-        tiles = []
-        if ema is not None:
-            tiles.append(to_pil(ema[i]))
-            e = boxes[i, -1].tolist()
-            for k in range(V):
-                l, t, w, h = boxes[i, k].tolist()
-                x0, y0 = (l - e[0]) / e[2] * tile, (t - e[1]) / e[3] * tile
-                ImageDraw.Draw(tiles[0]).rectangle([x0, y0, x0 + w / e[2] * tile - 1, y0 + h / e[3] * tile - 1],
-                                                   outline=[(255, 64, 64), (64, 160, 255)][k % 2])
-        for k in range(V):
-            kept = 1.0
-            if keep is not None:
-                kept = torch.zeros(g * g).index_fill_(0, keep[k * B + i].cpu(), 1).view(g, g)
-                kept = kept.repeat_interleave(patch, 0).repeat_interleave(patch, 1)   # (S, S)
-            tiles.append(to_pil(images[k * B + i], kept))
-        for c, tile_img in enumerate(tiles):
-            sheet.paste(tile_img, (c * (tile + 4), i * (tile + 4)))
-    sheet.save(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -618,6 +593,9 @@ class Teacher(nn.Module):
         self.transformer = copy.deepcopy(model.transformer)
         self.text_projection = nn.Parameter(model.text_projection.detach().clone())
         self.im_proj_byol = copy.deepcopy(model.im_proj_byol) if hasattr(model, "im_proj_byol") else None
+        for m in self.modules():  # batch statistics only: no running statistics to keep or to copy
+            if isinstance(m, nn.BatchNorm1d):
+                m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
         self.score_layers = score_layers
         self.requires_grad_(False)
 
@@ -628,8 +606,9 @@ class Teacher(nn.Module):
     def score_and_target(self, image, score=True):
         """image: (B, 3, Se, Se) the unmasked EMA view. Returns (s, z): s (B, N_e) the [CLS] attention
         score (None with score=False); z (B, d) the EMA projector's output (None without a projector)."""
-        out = self.visual(image, cls_attention=score)
-        tokens, maps = out if score else (out, None)                           # (B, 1+N_e, D), (layers, B, 1+N_e)
+        n = (self.visual.transformer.layers if self.score_layers == "all" else 1) if score else 0
+        out = self.visual(image, cls_attention=n)
+        tokens, maps = out if score else (out, None)                           # (B, 1+N_e, D), (n, B, 1+N_e)
         s = cls_attention_score(maps, self.score_layers) if score else None
         z = self.im_proj_byol(self.visual.ln_post(tokens[:, 0])) if self.im_proj_byol is not None else None
         return s, z
@@ -678,14 +657,10 @@ def check_args(cfg, args):
     grid, size, patch, w = cfg["image_size"] // cfg["patch_size"], ema_image_size(cfg, args), cfg["patch_size"], \
         args.loss_weights
     for bad, msg in [
-            (args.block_size < 1 or grid % args.block_size,
+            (grid % args.block_size,
              f"--block-size {args.block_size} does not divide the {grid}x{grid} patch grid of {args.model}"),
-            (not 0 < args.keep_ratio <= 1, f"--keep-ratio {args.keep_ratio} is not a fraction in (0, 1]"),
-            (min(w) < 0, f"--loss-weights {w} has a negative weight"),
             (args.views == 1 and (w[1] or w[2]), "--views 1 has no second view for L_itc,2 or L_ssl; set their "
                                                  "weights to 0, e.g. --loss-weights 1 0 0 0"),
-            (args.simclr_tau <= 0, f"--simclr-tau {args.simclr_tau} must be > 0"),
-            (args.save_masks < 0, f"--save-masks {args.save_masks} must be >= 0 (0 = off)"),
             ((args.eff or args.ema_img_size) and not needs_ema(args),
              "--eff / --ema-img-size set the EMA view, but no EMA pass runs (no attentive mask, O2E weight 0)"),
             (args.eff and args.ema_img_size, "--eff and --ema-img-size both set the EMA view size; give one of them"),
@@ -740,7 +715,7 @@ def train_step(ddp, model, teacher, batch, step, sched, args, device):
     if args.mask == "random":
         keep = random_keep(V * B, grid, block, n_keep, device)
     if args.save_masks and step % args.save_masks == 0 and common.is_main():
-        save_mask_grid(os.path.join(args.out_dir, f"masks_{step:07d}.png"), images, ema, boxes, keep,
+        common.save_mask_grid(os.path.join(args.out_dir, f"masks_{step:07d}.png"), images, ema, boxes, keep,
                        model.visual.patch_size, *common.NORMS[args.norm])
     loss, model_metrics = ddp(images, text, keep=keep, target=target)
     return loss, {**model_metrics, **metrics}
@@ -801,12 +776,14 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
     """CLIP's InfoNCE over all ranks. image_emb, text_emb: (B, E) L2-normalised, this rank's pairs;
     logit_scale: the log of the temperature's inverse s. Each rank builds B × (world·B) logits (local
     loss, gather with gradient); labels are rank·B + arange(B). Returns the two directions (L_I, L_T),
-    each a mean over this rank's B rows."""
-    all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)   # (world·B, E)
-    s = logit_scale.exp()
-    labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
-    loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
-    loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
+    each a mean over this rank's B rows. Computed in fp32, also under autocast."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        image_emb, text_emb = image_emb.float(), text_emb.float()
+        all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)  # (world·B, E)
+        s = logit_scale.float().exp()
+        labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
+        loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
+        loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
     return loss_i, loss_t
 
 
@@ -861,8 +838,8 @@ def train_one_step(ddp, model, teacher, batch, optimizer, scaler, step, sched, a
 
 
 def model_config(args):
-    return dict(common.MODELS[args.model], act=args.act, context_length=getattr(args, "context_length", None)
-                or common.MODELS[args.model]["context_length"])
+    size = common.model_size(METHOD, args.model)
+    return dict(size, act=args.act, context_length=getattr(args, "context_length", None) or size["context_length"])
 
 
 def parse_args(argv=None):
@@ -880,8 +857,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        common.close_run()
 
 
 def train(args):
@@ -903,7 +879,6 @@ def train(args):
     step = common.restore(ckpt, ckpt_path, method=METHOD, model=model, teacher=teacher, optimizer=optimizer,
                           scaler=scaler, rank=rank, world=world, seed=args.seed)   # then per-rank random states
     del ckpt
-    os.makedirs(args.out_dir, exist_ok=True)
     if common.is_main():
         common.write_provenance(args.out_dir, args, world, __file__)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -912,8 +887,8 @@ def train(args):
     common.print0(f"{METHOD}: {args.model}, {n_params / 1e6:.1f}M trained parameters, {world} process(es) on "
                   f"{device}, global batch {args.batch_size}, {spe} steps/epoch, {sched.total} steps, lr {args.lr:g} "
                   f"({args.precision}); data: {args.train_data or 'built-in shapes'}; out: {args.out_dir}")
-    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, batch_size=args.batch_size,
-                           steps_per_epoch=spe, total=sched.total, step=step, ckpt_path=ckpt_path)
+    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, data=data, total=sched.total,
+                           step=step, ckpt_path=ckpt_path, scaler=scaler)
     eval_every = round(args.eval_every * spe) if args.eval_every else 0
     epoch, skip = divmod(step, spe)
     batches = data.batches(epoch, skip)
@@ -934,7 +909,7 @@ def train(args):
             model.train()
         if (step % args.save_every == 0 and step < sched.total) or log.stopping:
             common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model,
-                                   teacher=teacher, optimizer=optimizer, scaler=scaler)
+                                   teacher=teacher, optimizer=optimizer, scaler=scaler, log=log)
         if log.stopping:
             common.print0(f"SIGTERM: checkpoint saved at step {step} in {ckpt_path}; continue with --resume")
             break
@@ -942,7 +917,7 @@ def train(args):
     if log.stopping:
         return
     common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model, teacher=teacher,
-                           optimizer=optimizer, scaler=scaler)
+                           optimizer=optimizer, scaler=scaler, log=log)
     exports = export_state_dicts(model.state_dict(), teacher.state_dict() if common.trained(teacher) else None)
     if common.is_main():
         for name, sd in exports.items():
@@ -986,7 +961,8 @@ def eval_towers(ckpt):
 
 @torch.no_grad()
 def evaluate(model, teacher, args, device):
-    """Zero-shot top-1/top-5 of the online and the EMA weights on the held-out set, all tokens."""
+    """Zero-shot top-1/top-5 of the online and the EMA weights on the held-out set, all tokens; ImageNet with
+    the 7 templates SLIP and A-CLIP report with (main.py validate_zeroshot)."""
     towers = {"online": (model.encode_image, model.encode_text)}
     if teacher is not None:
         towers["ema"] = (teacher.encode_image, lambda text: teacher.encode_text(model, text))
@@ -994,7 +970,8 @@ def evaluate(model, teacher, args, device):
     for name, (encode_image, encode_text) in towers.items():
         classifier, loader = common.zero_shot_setup(
             encode_text, image_size=model.visual.grid * model.visual.patch_size, norm=args.norm,
-            imagenet_val=args.imagenet_val, context_length=args.context_length, workers=args.workers, device=device)
+            imagenet_val=args.imagenet_val, context_length=args.context_length, workers=args.workers, device=device,
+            imagenet_templates=common.SIMPLE_IMAGENET_TEMPLATES)
         top1, top5 = common.zero_shot_accuracy(encode_image, classifier, loader, device)
         results[f"{name}/top1"], results[f"{name}/top5"] = top1, top5
     return results

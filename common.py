@@ -25,6 +25,7 @@ skipped with a rate-limited `DataWarning`, counted in `skipped`, and replaced so
 size. Images are decoded by `open_image`, which refuses decompression bombs and truncated files.
 """
 import argparse
+import atexit
 import contextlib
 import csv
 import gzip
@@ -40,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.request
 import warnings
@@ -225,17 +227,19 @@ def to_normalized_tensor(img, mean, std):
 
 
 class TrainCrop:
-    """RandomResizedCrop(size, scale, bicubic), optional horizontal flip, normalisation.
+    """RandomResizedCrop(size, scale, ratio, resampling: bicubic as MAE and BEiT v2, or Image.BILINEAR as
+    SLIP), optional horizontal flip, normalisation.
     `return_box=True` also returns the crop box as a FloatTensor[4] (left, top, w, h) in units of the
     source image's width and height, which A-CLIP needs to align attention maps between views."""
 
-    def __init__(self, size, scale, mean, std, flip=False, ratio=(3 / 4, 4 / 3), return_box=False):
+    def __init__(self, size, scale, mean, std, flip=False, ratio=(3 / 4, 4 / 3), return_box=False,
+                 resample=Image.BICUBIC):
         self.size, self.scale, self.ratio, self.mean, self.std = size, scale, ratio, mean, std
-        self.flip, self.return_box = flip, return_box
+        self.flip, self.return_box, self.resample = flip, return_box, resample
 
     def __call__(self, img, rng):
         left, top, w, h = crop_box(rng, img.width, img.height, self.scale, self.ratio)
-        out = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        out = img.resize((self.size, self.size), self.resample, box=(left, top, left + w, top + h))
         if self.flip and rng.random() < 0.5:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         x = to_normalized_tensor(out, self.mean, self.std)
@@ -563,7 +567,10 @@ def _load_or_next(n, index, load, describe, source):
 
 class CsvDataset(torch.utils.data.Dataset):
     """Image-text pairs listed in a CSV/TSV file, open_clip's convention: a header row, the image path in
-    column `img_key` and the caption in `caption_key`, TAB-separated by default. Image paths are
+    column `img_key` and the caption in `caption_key`, TAB-separated by default. A comma-separated
+    `caption_key` ("title,description") names several caption columns: each sample draws one of them
+    uniformly, deterministic per (seed, epoch, index), and an empty cell falls back to the next non-empty
+    one (SLIP's and A-CLIP's YFCC-15M loaders draw title or description, datasets.py). Image paths are
     relative to the CSV file's folder (absolute paths are used as they are); open_clip resolves them
     against the working directory instead. Keys are (epoch, index) pairs, as in `Shapes`.
 
@@ -582,7 +589,8 @@ class CsvDataset(torch.utils.data.Dataset):
             if not header:
                 raise UsageError(f"CSV file {path} is empty; it needs a header row naming the columns "
                                  f"{img_key!r} and {caption_key!r}")
-            missing = [k for k in (img_key, caption_key) if k not in header]
+            keys = caption_key.split(",")
+            missing = [k for k in (img_key, *keys) if k not in header]
             if missing:
                 hint = ""
                 if sep != "," and len(header) == 1 and "," in header[0]:
@@ -592,18 +600,19 @@ class CsvDataset(torch.utils.data.Dataset):
                 raise UsageError(f"CSV file {path} has no column {missing[0]!r} (separator {sep!r}; columns "
                                  f"found: {header}); name the columns with --csv-img-key and --csv-caption-key "
                                  f"and the separator with --csv-separator{hint}")
-            i_img, i_cap = header.index(img_key), header.index(caption_key)
-            images, captions = _Strings(), _Strings()  # not lists of str: see _Strings
+            i_img, i_caps = header.index(img_key), [header.index(k) for k in keys]
+            images, captions = _Strings(), [_Strings() for _ in keys]  # not lists of str: see _Strings
             try:
                 for row in rows:
                     if not row:  # a blank line
                         continue
                     images.append(row[i_img] if i_img < len(row) else "")
-                    captions.append(row[i_cap] if i_cap < len(row) else "")
+                    for column, i in zip(captions, i_caps):
+                        column.append(row[i] if i < len(row) else "")
             except (csv.Error, UnicodeDecodeError) as e:  # e.g. a field over csv's 128 KiB limit, or not UTF-8
                 raise UsageError(f"CSV file {path} cannot be read past line {rows.line_num} "
                                  f"({_reason(e)}); it must be UTF-8 text in the csv format") from None
-        self.images, self.captions = images.freeze(), captions.freeze()
+        self.images, self.captions = images.freeze(), [c.freeze() for c in captions]
         if not len(self.images):
             raise UsageError(f"CSV file {path} has a header but no rows; add image-caption rows")
         # The most common mistake is paths relative to another folder: catch it now, not in a worker.
@@ -614,6 +623,15 @@ class CsvDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.images)
+
+    def row_captions(self, i):
+        """Row i's non-empty captions, in column order ([""] if all are empty)."""
+        return [c[i] for c in self.captions if c[i]] or [""]
+
+    def caption(self, i, rng):
+        """One of row i's caption columns, drawn with rng; an empty cell falls back to the next non-empty one."""
+        k = rng.randrange(len(self.captions)) if len(self.captions) > 1 else 0
+        return next((c[i] for c in self.captions[k:] + self.captions[:k] if c[i]), "")
 
     def _image_path(self, i):
         rel = self.images[i]
@@ -627,7 +645,7 @@ class CsvDataset(torch.utils.data.Dataset):
                                         lambda i: repr(self.images[i]), self.path)
         rng = sample_rng(self.seed, epoch, index)  # the requested index: a replacement gets its own crop
         views = self.transform(img, rng) if self.transform else TF.to_tensor(img)
-        return views, tokenize(self.captions[j], self.context_length)[0], skipped
+        return views, tokenize(self.caption(j, rng), self.context_length)[0], skipped
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -968,14 +986,18 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self):
         return (self.steps - self.skip) * self.batch_size
 
-    def __iter__(self):
+    def indices(self):
+        """This rank's indices of the epoch, from batch `skip` on: LongTensor[(steps - skip) · batch_size]."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
         order = order[: self.steps * self.batch_size * self.world][self.rank::self.world]
-        for i in order[self.skip * self.batch_size:].tolist():
+        return order[self.skip * self.batch_size:]
+
+    def __iter__(self):
+        for i in self.indices().tolist():
             yield (self.epoch, i)
 
 
@@ -997,10 +1019,11 @@ def collate(items):
 
 class _Batches:
     """The batches of one epoch: exactly `n` of them. It has a len(), and a UsageError raised in a
-    DataLoader worker comes out with its one-line message instead of the worker's traceback."""
+    DataLoader worker comes out with its one-line message instead of the worker's traceback. `note(b,
+    skipped)`, if given, sees the skipped counts of the b-th batch."""
 
-    def __init__(self, loader, n):
-        self.it, self.n, self.done = iter(loader), n, 0
+    def __init__(self, loader, n, note=None):
+        self.it, self.n, self.done, self.note = iter(loader), n, 0, note
 
     def __iter__(self):
         return self
@@ -1018,6 +1041,8 @@ class _Batches:
             raise UsageError(_one_line(e)) from None
         except StopIteration:
             raise RuntimeError(f"the data ran out after {self.done} of {self.n} batches") from None
+        if self.note is not None:
+            self.note(self.done, batch[2])
         self.done += 1
         return batch
 
@@ -1029,10 +1054,17 @@ class TrainLoader:
     A map-style dataset (keys (epoch, index)) goes through `EpochSampler`; its workers persist across
     epochs, since the sampler runs in the main process. A `TarShards` stream needs `num_samples`, which
     sets steps_per_epoch = num_samples // (batch_size * world_size); its workers are started anew every
-    epoch, after `set_epoch(epoch, skip)`, so that each worker sees the epoch."""
+    epoch, after `set_epoch(epoch, skip)`, so that each worker sees the epoch.
+
+    Unreadable samples of a map-style dataset are known by index: an item whose `skipped` is k stands for
+    the unusable rows index, index + 1, ..., index + k - 1 (see _load_or_next), and the sampler says which
+    index each item was asked for. `take_unreadable` returns the indices met since its last call that this
+    loader had not met before (so a bad file is reported once, whatever the epochs and the retries that meet
+    it); None for tar shards, whose samples have no index."""
 
     def __init__(self, dataset, batch_size, rank, world_size, seed, num_workers, num_samples=None):
         self.dataset, self.batch_size = dataset, batch_size
+        self.unreadable, self.new_unreadable, self.order = set(), [], None
         # the loader's own generator: starting an iterator must not draw from the global RNG, or a resumed
         # run's random masks would drift from those of an uninterrupted one
         workers = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate,
@@ -1067,9 +1099,29 @@ class TrainLoader:
     def batches(self, epoch, skip=0):
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, skip)
+            self.order = None  # this epoch's indices, computed when a batch first reports a skip
         else:
             self.dataset.set_epoch(epoch, skip)
-        return _Batches(self.loader, self.steps_per_epoch - skip)
+        return _Batches(self.loader, self.steps_per_epoch - skip, self._note if self.sampler is not None else None)
+
+    def _note(self, b, skipped):
+        if not int(skipped.sum()):
+            return
+        if self.order is None:
+            self.order = self.sampler.indices()
+        n = len(self.dataset)
+        for p in skipped.nonzero().flatten().tolist():
+            first = int(self.order[b * self.batch_size + p])
+            for j in ((first + k) % n for k in range(int(skipped[p]))):
+                if j not in self.unreadable:
+                    self.unreadable.add(j)
+                    self.new_unreadable.append(j)
+
+    def take_unreadable(self):
+        if self.sampler is None:
+            return None
+        new, self.new_unreadable = self.new_unreadable, []
+        return new
 
 
 IMAGE_TEXT_FORMATS = ("an image-text CSV/TSV file (*.csv, *.tsv) or WebDataset tar shards "
@@ -1346,11 +1398,86 @@ MODELS = {
     "ViT-H/14": dict(image_size=224, patch_size=14, width=1280, layers=32, heads=16,
                      context_length=77, text_width=1024, text_layers=24, text_heads=16, embed_dim=1024),
 }
+# Where a method's released code builds a size otherwise: A-CLIP's ViT-L/16 keeps the 512-wide, 8-head text
+# tower and 512-d joint space of its ViT-B/16, and its ViT-S/16 has 12 heads of 32 (microsoft/A-CLIP models.py,
+# ACLIP_VITL16 and ACLIP_VITS16).
+METHOD_MODELS = {("aclip", "ViT-L/16"): dict(text_width=512, text_heads=8, embed_dim=512),
+                 ("aclip", "ViT-S/16"): dict(heads=12)}
+
+
+def model_size(method, name):
+    """The MODELS entry `name` with the method's released-code overrides (METHOD_MODELS)."""
+    return {**MODELS[name], **METHOD_MODELS.get((method, name), {})}
+
+
+def sincos_2d(grid, dim):
+    """MAE's fixed 2-D sin-cos position embedding, with an all-zero [CLS] row first: (1 + grid², dim).
+    The first half of the channels encodes the column, the second half the row."""
+    if dim % 4:
+        raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, not {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    out_x, out_y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega                 # (grid², dim/4)
+    emb = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)         # (grid², dim)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line: the flags every method script shares
 # ----------------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr, exit status 2 (argparse's), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
+class Range:
+    """An argparse type: a number of `kind` (int or float) in the range [lo, hi], open at an end with
+    lo_open / hi_open (None: unbounded), finite. A value outside is a one-line usage error naming the flag
+    (argparse adds it), the value, the range and an example: `type=Range(int, 1, eg=256)`."""
+
+    def __init__(self, kind, lo=None, hi=None, *, lo_open=False, hi_open=False, eg=None):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.eg = eg if eg is not None else lo if lo is not None and not lo_open else (lo or 0) + 1
+
+    def __repr__(self):
+        what = "an integer" if self.kind is int else "a number"
+        if self.lo is not None and self.hi is not None:
+            return f"{what} in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {self.lo}"
+        return f"{what} {'<' if self.hi_open else '<='} {self.hi}" if self.hi is not None else what
+
+    def __call__(self, text):
+        try:
+            v = self.kind(text)
+        except ValueError:
+            v = None
+        ok = v is not None and math.isfinite(v) and (
+            self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)) and (
+            self.hi is None or (v < self.hi if self.hi_open else v <= self.hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"got {text}; give {self!r}, e.g. {self.eg}")
+        return v
+
+
+def at_least(lo, kind=int, eg=None):
+    """Range(kind, lo): the common case of a count (`at_least(1)`) or a non-negative weight (`at_least(0, float)`)."""
+    return Range(kind, lo, eg=eg)
+
+
+def positive(eg):
+    """A float > 0 (a learning rate, a temperature, ε)."""
+    return Range(float, 0, lo_open=True, eg=eg)
+
+
+def fraction(lo_open=False, hi_open=False, eg=0.5):
+    """A float in [0, 1], with either end open."""
+    return Range(float, 0, 1, lo_open=lo_open, hi_open=hi_open, eg=eg)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: X)' after each flag, except where X is None or False: there the help text itself
     says what happens by default."""
@@ -1365,55 +1492,59 @@ def make_parser(description, method, kind):
     """The flags every method script shares, in groups: data, model, optimisation, system. Image-only
     scripts (kind 'image') get no caption, CSV, tar or context-length flags. The method adds its own
     group; `parse_with_defaults` then fills in the recipe's or the demo's defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = Parser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     if kind == "image-text":
         g.add_argument("--train-data", help="image-text CSV/TSV, tar shards ('dir/{00000..00099}.tar', several "
                                             "sources joined by '::'); default: the built-in shapes")
-        g.add_argument("--train-num-samples", type=int, help="samples per epoch of tar shards (required for tar)")
+        g.add_argument("--train-num-samples", type=at_least(1), help="samples per epoch of tar shards (required for tar)")
         g.add_argument("--dataset-resampled", action="store_true", help="draw tar shards with replacement")
         g.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths")
-        g.add_argument("--csv-caption-key", default="title", help="CSV column of captions")
+        g.add_argument("--csv-caption-key", default="title",
+                       help="CSV column of captions; 'title,description': one of them drawn per sample")
         g.add_argument("--csv-separator", default="\t", help="CSV separator")
     else:
         g.add_argument("--train-data", help="an ImageFolder directory (root/<class>/<image>); "
                                             "default: the built-in shapes")
-    g.add_argument("--builtin-samples", type=int, help="samples per epoch of the built-in data")
+    g.add_argument("--builtin-samples", type=at_least(1, eg=16384), help="samples per epoch of the built-in data")
     g.add_argument("--imagenet-val", help="ImageNet-style val folder for the periodic evaluation "
                                           "(default: the built-in held-out set)")
-    g.add_argument("--workers", type=int, help="data-loading processes per rank")
+    g.add_argument("--workers", type=at_least(0, eg=8), help="data-loading processes per rank")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(MODELS), help="model size")
     g.add_argument("--act", choices=["quickgelu", "gelu"], help="MLP activation")
     if kind == "image-text":
-        g.add_argument("--context-length", type=int, help="text tokens (the model size's when no default is set)")
+        g.add_argument("--context-length", type=at_least(2, eg=77), help="text tokens (the model size's when no default is set)")
     g.add_argument("--norm", choices=list(NORMS), help="pixel normalisation constants")
-    g.add_argument("--crop-scale", type=float, help="smallest area fraction of the random training crop")
+    g.add_argument("--crop-scale", type=fraction(lo_open=True), help="smallest area fraction of the random training crop")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="epochs")
-    g.add_argument("--steps", type=int, help="stop after this many steps in all (default: epochs × steps per epoch)")
-    g.add_argument("--batch-size", type=int, help="global batch over all ranks")
-    g.add_argument("--lr", type=float, help="peak learning rate (for the global batch, no scaling)")
-    g.add_argument("--lr-start", type=float, help="learning rate at the start of the linear warm-up")
-    g.add_argument("--lr-end", type=float, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length, per step")
-    g.add_argument("--wd", type=float, help="AdamW weight decay")
-    g.add_argument("--beta1", type=float, help="AdamW β1")
-    g.add_argument("--beta2", type=float, help="AdamW β2")
-    g.add_argument("--eps", type=float, help="AdamW ε")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--epochs", type=at_least(1, eg=25), help="epochs")
+    g.add_argument("--steps", type=at_least(1, eg=1000), help="stop after this many steps in all (default: epochs × steps per epoch)")
+    g.add_argument("--batch-size", type=at_least(1, eg=256), help="global batch over all ranks")
+    g.add_argument("--lr", type=positive(5e-4), help="peak learning rate for the global batch (with --blr: "
+                                                     "unless given, blr · batch / 256)")
+    g.add_argument("--lr-start", type=at_least(0, float, 1e-6), help="learning rate at the start of the linear warm-up")
+    g.add_argument("--lr-end", type=at_least(0, float, 1e-5), help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-epochs", type=at_least(0, float, 1), help="linear warm-up length, per step")
+    g.add_argument("--wd", type=at_least(0, float, 0.1), help="AdamW weight decay")
+    g.add_argument("--beta1", type=fraction(hi_open=True, eg=0.9), help="AdamW β1")
+    g.add_argument("--beta2", type=fraction(hi_open=True, eg=0.98), help="AdamW β2")
+    g.add_argument("--eps", type=positive(1e-8), help="AdamW ε")
+    g.add_argument("--grad-clip", type=at_least(0, float, 1.0), help="clip the gradient norm to this (0 = off)")
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default=f"runs/{method}", help="output folder: checkpoint, exports, logs")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help="continue from the checkpoint in --out-dir; `--resume auto`: continue if there is one, else "
+                        "start a new run (the rule whenever torchrun or SLURM restarts the job)")
+    g.add_argument("--seed", type=at_least(0), default=0, help="random seed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a GradScaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    g.add_argument("--log-every", type=int, default=20, help="steps between log lines (and host syncs)")
-    g.add_argument("--eval-every", type=float, help="epochs between evaluations (0 = only at the end)")
-    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
+    g.add_argument("--log-every", type=at_least(1, eg=20), default=20, help="steps between log lines (and host syncs)")
+    g.add_argument("--eval-every", type=at_least(0, float, 1), help="epochs between evaluations (0 = only at the end)")
+    g.add_argument("--save-every", type=at_least(1, eg=1000), default=1000, help="steps between checkpoints (and at the end)")
     return p
 
 
@@ -1424,7 +1555,9 @@ def parse_with_defaults(p, argv, recipe, demo):
     argv = sys.argv[1:] if argv is None else list(argv)
     real_data = any(a == "--train-data" or a.startswith("--train-data=") for a in argv)
     p.set_defaults(**(recipe if real_data else {**recipe, **demo}))
-    args = p.parse_args(argv)
+    args = p.parse_args(argv, argparse.Namespace(lr=None))  # lr stays None unless --lr is given
+    if args.lr is None:  # MAE's rule where the method has a base lr (--blr), else the recipe's or demo's lr
+        args.lr = args.blr * args.batch_size / 256 if getattr(args, "blr", None) is not None else p.get_default("lr")
     if getattr(args, "context_length", 0) is None:
         args.context_length = MODELS[args.model]["context_length"]
     if args.precision is None:
@@ -1619,8 +1752,9 @@ def openai_state_dict(path, obj=None):
     for extra in ("input_resolution", "context_length", "vocab_size"):      # entries of OpenAI's archives
         sd.pop(extra, None)
     sd = {k: v for k, v in sd.items() if k.split(".")[-1] != "attn_mask"}   # causal masks saved by TorchScript
-    if "visual.conv1.weight" not in sd:
-        raise UsageError(f"{path} has no CLIP ViT image tower (no visual.conv1.weight); expected {ACCEPTED}")
+    missing = [k for k in ("visual.conv1.weight", "visual.positional_embedding", "visual.proj") if k not in sd]
+    if missing:  # e.g. a ResNet CLIP (RN50): its visual.layer1..., visual.attnpool...
+        raise UsageError(f"{path} lacks {missing}, so it is not a CLIP ViT image tower; expected {ACCEPTED}")
     return sd, info
 
 
@@ -1714,36 +1848,310 @@ def load_checkpoint(path):
     return ckpt
 
 
+LOCK_HEARTBEAT_S, LOCK_STALE_S = 60, 600  # the lock's refresh period; its age at which another host calls it stale
+
+
+def _machine():
+    """Where this process runs, as a lock records it: host name, boot id and pid namespace (the last two on
+    Linux, '' elsewhere). Two processes see each other's pids only when all three are equal."""
+    def read(path, link=False):
+        try:
+            if link:
+                return os.readlink(path)
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    return {"host": platform.node(), "boot": read("/proc/sys/kernel/random/boot_id"),
+            "pidns": read("/proc/self/ns/pid", link=True)}
+
+
+def _process_start(pid):
+    """Start time of process `pid` in clock ticks after boot (Linux): '' where /proc cannot tell, None for a
+    process that has exited but is not yet reaped (a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces and ')'
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def _pid_alive(pid, start):
+    """Whether process `pid` of this machine runs and is the one that started at `start` (not a reused pid)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    now = _process_start(pid)
+    return now is not None and not (start and now and now != start)
+
+
+class RunLock:
+    """`folder/run.lock`, held by one run for as long as it runs: a JSON file naming its owner (host, pid,
+    boot id, pid namespace, start time), created atomically (a complete file hard-linked into place, which
+    also works on NFS), refreshed every LOCK_HEARTBEAT_S seconds by a daemon thread and removed by
+    `release` (at the end of the run, on an exception, on SIGTERM; atexit as a fallback).
+
+    A lock whose owner is gone does not block. On the owner's machine (same host, boot id and pid
+    namespace) the owner is gone when its pid no longer runs, or is another process's (kill -9, a crash).
+    From anywhere else (another node on a shared filesystem, another container) it is gone when the lock has
+    not been refreshed for LOCK_STALE_S seconds, so a run killed on another node blocks its folder for up to
+    ten minutes (the clocks of the nodes are assumed to agree to within minutes)."""
+
+    def __init__(self, folder):
+        self.folder, self.path, self.created = folder, os.path.join(folder, "run.lock"), []
+        parent = os.path.abspath(folder)
+        while not os.path.isdir(parent):  # the folders this run creates, deepest first: removed if left empty
+            self.created.append(parent)
+            parent = os.path.dirname(parent)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out-dir {folder} cannot be created ({_reason(e)}); give a folder you can "
+                             f"write to") from None
+        self.me = dict(_machine(), pid=os.getpid(), start=_process_start(os.getpid()) or "",
+                       since=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(sys.argv))
+        for _ in range(5):
+            try:
+                if self._create():
+                    break
+            except OSError as e:
+                raise UsageError(f"--out-dir {folder} is not writable ({_reason(e)}); give a folder you can "
+                                 f"write to") from None
+            owner = self._read()
+            if owner is not None and self._alive(owner):
+                raise UsageError(f"--out-dir {folder} is in use by another run (host {owner.get('host', '?')}, pid "
+                                 f"{owner.get('pid', '?')}, since {owner.get('since', '?')}); wait for it to end "
+                                 f"or stop it, or give another --out-dir")
+            if owner is not None:
+                self._remove_stale(owner)
+        else:
+            raise UsageError(f"--out-dir {folder}: could not take its lock {self.path}; remove the file if no "
+                             f"run uses the folder")
+        self.released, self.stop = False, threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+        atexit.register(self.release)
+
+    def _create(self):
+        """Write the lock if there is none; False if there is one."""
+        tmp = f"{self.path}.{os.getpid()}.new"
+        with open(tmp, "w") as f:
+            json.dump(self.me, f)
+        try:
+            os.link(tmp, self.path)  # fails if the lock exists, and the lock is never seen half-written
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            return True
+        finally:
+            os.remove(tmp)
+
+    def _read(self):
+        """The owner as the lock names it; {} if the lock cannot be read; None if there is no lock."""
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+            return owner if isinstance(owner, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def _same_machine(self, owner):
+        return all(owner.get(k) == self.me[k] for k in ("host", "boot", "pidns"))
+
+    def _alive(self, owner):
+        if self._same_machine(owner):
+            return owner.get("pid") != self.me["pid"] and _pid_alive(owner.get("pid"), owner.get("start"))
+        try:
+            return time.time() - os.path.getmtime(self.path) < LOCK_STALE_S
+        except OSError:
+            return False
+
+    def _remove_stale(self, owner):
+        """Move the stale lock aside and delete it, unless another run replaced it in the meantime."""
+        aside = f"{self.path}.{os.getpid()}.stale"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            with open(aside) as f:
+                replaced = json.load(f) != owner
+        except (OSError, ValueError):
+            replaced = False
+        if replaced:  # a new owner's lock: put it back
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+        os.remove(aside)
+        if not replaced:
+            why = "that has ended" if self._same_machine(owner) else f"silent for {LOCK_STALE_S // 60} minutes"
+            print0(f"--out-dir {self.folder}: removed the lock of a run {why} "
+                   f"(host {owner.get('host', '?')}, pid {owner.get('pid', '?')})")
+
+    def _heartbeat(self):
+        while not self.stop.wait(LOCK_HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self):
+        """Remove the lock if it is still this run's, and the folder if this run created it and left it empty."""
+        if self.released:
+            return
+        self.released = True
+        self.stop.set()
+        if (self._read() or {}).get("pid") == self.me["pid"]:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        for created in self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(created)
+
+
+def remove_temporaries(folder):
+    """Delete the `<file>.tmp<pid>` files that save_atomic leaves when a process is killed while it writes.
+    Called under the folder's lock, so no other run of this project is writing them."""
+    for name in os.listdir(folder):
+        if name.rpartition(".tmp")[2].isdigit():
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                print0(f"removed {os.path.join(folder, name)}, left by a process killed while it saved")
+
+
+RESTART_COUNTERS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")  # set by torchrun, and by SLURM on requeue
+
+
+def restart_count():
+    """How often torchrun (--max-restarts) or SLURM (--requeue) has restarted this job: 0 on its first try."""
+    counts = (os.environ.get(k, "").strip() for k in RESTART_COUNTERS)
+    return max((int(c) for c in counts if c.isdigit()), default=0)
+
+
+_RUN = {"lock": None, "sigterm": None}  # what open_run set up for close_run to undo
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through `finally`, so the lock is released
+
+
 def open_run(args, method, cfg, world):
-    """The checkpoint path of this run and, with --resume, the checkpoint to continue from (else None),
-    after the start-up checks: batch divisible by the ranks, --resume only with a checkpoint, no
-    checkpoint overwritten without --resume, the same method and architecture."""
+    """The checkpoint path of this run and the checkpoint to continue from (else None), after the start-up
+    checks that follow the parser's (which refuses --epochs 0, --steps 0, ...): --out-dir a folder, batch
+    divisible by the ranks, the folder's lock (RunLock, taken by rank 0 and reported to every rank), the
+    resume rule, the same method and architecture. Until the training loop catches SIGTERM, SIGTERM ends
+    the run through `close_run`, which releases the lock.
+
+    The resume rule: without --resume an existing checkpoint is never overwritten; `--resume` continues from
+    it and needs one; `--resume auto` continues from it if there is one and starts a new run if not. When
+    torchrun or SLURM restarts the job (TORCHELASTIC_RESTART_COUNT or SLURM_RESTART_COUNT > 0) the rule is
+    `--resume auto`, for a checkpoint saved by the same command: one saved with other flags is refused, as
+    the first try refused it."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir} is a file; give a folder")
     path = os.path.join(args.out_dir, "checkpoint.pt")
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    if args.resume and not os.path.exists(path):
+    found = [None, False]  # rank 0's [lock error, whether the checkpoint exists], broadcast
+    if is_main():
+        try:
+            _RUN["lock"] = RunLock(args.out_dir)
+            remove_temporaries(args.out_dir)
+            found[1] = os.path.isfile(path)
+        except UsageError as e:
+            found[0] = str(e)
+    dist.broadcast_object_list(found)  # every rank stops, or goes on, together
+    if found[0]:
+        raise UsageError(found[0])
+    if threading.current_thread() is threading.main_thread():
+        _RUN["sigterm"] = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    restarts, exists = restart_count(), found[1]
+    auto = args.resume == "auto" or restarts > 0
+    if args.resume is True and not exists and not restarts:
         raise UsageError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
-    if not args.resume and os.path.exists(path):
-        raise UsageError(f"{path} exists; pass --resume to continue that run or --out-dir for a new one")
-    ckpt = load_checkpoint(path) if args.resume else None
+    if not args.resume and not restarts and exists:
+        raise UsageError(f"{path} exists; pass --resume (or --resume auto) to continue that run or --out-dir "
+                         f"for a new one")
+    ckpt = load_checkpoint(path) if exists and (auto or args.resume) else None
     if ckpt is not None and (ckpt["method"], ckpt["config"]) != (method, plain(cfg)):
         raise UsageError(f"{path} is a {ckpt['method']} checkpoint of {ckpt['config']}, not {method} "
                          f"of {cfg}; resume with the same --model and flags, or use another --out-dir")
+    if ckpt is not None and restarts and not args.resume:
+        ours = {k: v for k, v in plain(vars(args)).items() if k != "resume"}
+        changed = sorted(k for k, v in ours.items() if ckpt["args"].get(k) != v)
+        if changed:
+            raise UsageError(f"{path} was saved by another command (--{changed[0].replace('_', '-')} differs), "
+                             f"so restart {restarts} does not continue it; pass --resume to continue it or "
+                             f"--out-dir for a new run")
+    if auto:
+        why = f"restart {restarts} of this job" if restarts and args.resume != "auto" else "--resume auto"
+        print0(f"{why}: continuing from step {ckpt['step']} of {path}" if ckpt is not None else
+               f"{why}: no checkpoint in {args.out_dir}, starting a new run")
     return path, ckpt
 
 
-def save_checkpoint(path, *, method, cfg, args, step, model, teacher, optimizer, scaler):
+def close_run():
+    """The end of every run, however it ends: the process group is destroyed and the out-dir lock released."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if _RUN["lock"] is not None:
+        _RUN["lock"].release()
+        _RUN["lock"] = None
+    if _RUN["sigterm"] is not None:
+        signal.signal(signal.SIGTERM, _RUN["sigterm"])
+        _RUN["sigterm"] = None
+
+
+def _tensors(obj):
+    """The tensors in a nest of dicts, lists and tuples (a state dict, an optimizer's state)."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for x in obj for t in _tensors(x)] if isinstance(obj, (list, tuple)) else []
+
+
+def count_nonfinite(tensors):
+    """How many of the floating-point tensors hold a NaN or an inf: a device scalar (no host sync)."""
+    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return torch.stack(flags).sum().float() if flags else torch.zeros(())
+
+
+def save_checkpoint(path, *, method, cfg, args, step, model, teacher, optimizer, scaler, log=None):
     """Everything needed to continue exactly: weights (of the unwrapped model), EMA teacher, optimizer,
     grad scaler, step (which fixes the data position), every rank's RNG states, arguments and config.
-    Only tensors and plain Python types, so that it loads with torch.load(weights_only=True)."""
+    Only tensors and plain Python types, so that it loads with torch.load(weights_only=True).
+
+    Never with a NaN or an inf: the weights, the teacher, the optimizer state and the loss scale are checked
+    first, with the run's non-finite flag (`log`, a MetricLog; see its guard), and the run stops instead."""
+    sd, opt_sd = model.state_dict(), optimizer.state_dict()
+    teacher_sd = teacher.state_dict() if trained(teacher) else None
+    tensors = _tensors([sd, teacher_sd or {}, opt_sd["state"]])
+    if log is not None:
+        log.check(step, tensors)
+    elif count_nonfinite(tensors).item() or not math.isfinite(scaler.get_scale() if scaler.is_enabled() else 1):
+        raise SystemExit(f"error: non-finite weights or optimizer state at step {step}; {path} was not written")
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, rng_state())  # between our own processes
-    if not is_main():
-        return
-    save_atomic({"method": method, "config": cfg, "args": plain(vars(args)), "step": step,
-                 "model": model.state_dict(), "teacher": teacher.state_dict() if trained(teacher) else None,
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "rng": states, "world_size": dist.get_world_size()}, path)
+    if is_main():
+        save_atomic({"method": method, "config": cfg, "args": plain(vars(args)), "step": step, "model": sd,
+                     "teacher": teacher_sd, "optimizer": opt_sd,
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "rng": states, "world_size": dist.get_world_size()}, path)
+    if log is not None:
+        log.kept = step
 
 
 def restore(ckpt, path, *, method, model, teacher, optimizer, scaler, rank, world, seed):
@@ -1800,16 +2208,38 @@ def write_provenance(out_dir, args, world, script):
             f_out.write(f_in.read())
 
 
-class MetricLog:
-    """The training log. Metrics are summed on the device between log steps (no host sync per step), the
-    unreadable-sample count on the host; `flush` all-reduces them once per log step with the SIGTERM flag
-    (so that every rank agrees to stop), writes a line to metrics.jsonl and the progress bar, and stops
-    the run on a non-finite loss. SIGTERM is caught from construction to `close`."""
+NO_BAD_STEP = 2 ** 62  # MetricLog.first_bad before any step with a non-finite loss
+MIN_LOSS_SCALE = 1e-4  # fp16: a GradScaler scale below this means the loss overflows whatever the scale (fairseq's)
 
-    def __init__(self, out_dir, desc, *, world, device, batch_size, steps_per_epoch, total, step, ckpt_path):
+
+class MetricLog:
+    """The training log and its non-finite guard. Metrics are summed on the device between log steps (no host
+    sync per step), the unreadable-sample count on the host; `flush` all-reduces them once per log step with
+    the SIGTERM flag (so that every rank agrees to stop), writes a line to metrics.jsonl and the progress bar.
+    SIGTERM is caught from construction to `close`.
+
+    The guard: `add` keeps on the device the first step whose loss was not finite (a flag, no sync); it is
+    read, with a check that the weights are finite, in the all-reduce of every log step, and before every
+    checkpoint (`check`, from save_checkpoint, which adds the teacher and the optimizer state), one sync
+    each. A non-finite value stops the run on every rank with one line naming the checkpoint kept (`kept`,
+    the step of the last one written, or of the one resumed from), so no checkpoint ever holds one.
+    Under fp16 the GradScaler skips every step whose gradients are not finite and leaves the weights as they
+    were; a step whose loss is not finite is one of them (its gradients are not finite either), so under fp16
+    a non-finite loss is not an error. There the guard judges what is saved, the weights and the optimizer
+    state, and the loss scale: below MIN_LOSS_SCALE the steps keep overflowing, and the run stops too.
+
+    Unreadable samples (`skipped_all`): those of a map-style dataset (CSV, ImageFolder) are counted once
+    each, by index, however many epochs, ranks, workers and replacement attempts meet them (the loader's
+    `take_unreadable`, all-gathered at the log steps that met new ones); those of tar shards as the readers
+    report them, once per pass over a shard. Counted from the start of this process (not across a resume)."""
+
+    def __init__(self, out_dir, desc, *, world, device, data, total, step, ckpt_path, scaler):
         self.path, self.ckpt_path = os.path.join(out_dir, "metrics.jsonl"), ckpt_path
-        self.world, self.device, self.batch_size, self.steps_per_epoch = world, device, batch_size, steps_per_epoch
+        self.data, self.scaler, self.world, self.device, self.fp16 = data, scaler, world, device, scaler.is_enabled()
+        self.batch_size, self.steps_per_epoch = data.batch_size * world, data.steps_per_epoch
         self.sums, self.skipped, self.skipped_all, self.signal, self.stopping = {}, 0, 0, False, False
+        self.unreadable, self.step, self.kept = set(), step, step or None
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
         self.last_time, self.last_step = time.time(), step
         self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signal", True))
         self.pbar = tqdm(total=total, initial=step, disable=not is_main(), dynamic_ncols=True, desc=desc)
@@ -1819,18 +2249,30 @@ class MetricLog:
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
         self.skipped += int(skipped.sum())  # a host tensor: no copy to the device, no sync
+        self.step += 1
+        if not self.fp16:  # under fp16 a non-finite loss is a step the GradScaler skipped (see above)
+            ok = torch.isfinite(metrics["loss"].detach())
+            self.first_bad = torch.minimum(self.first_bad, torch.where(ok, NO_BAD_STEP, self.step))
 
     def flush(self, step, lr, model):
         keys = sorted(self.sums)
-        host = torch.tensor([float(self.skipped), float(self.signal)], device=self.device)
-        values = torch.cat([torch.stack([self.sums[k] for k in keys]), host])
+        new = self.data.take_unreadable()  # this rank's newly met unreadable indices; None for tar shards
+        host = torch.tensor([float(self.skipped if new is None else len(new)), float(self.signal)], device=self.device)
+        guard = torch.stack([(self.first_bad < NO_BAD_STEP).float(), count_nonfinite(model.state_dict().values())
+                             .to(self.device)])
+        values = torch.cat([torch.stack([self.sums[k] for k in keys]), guard, host])
         dist.all_reduce(values)  # one host sync per log interval
         values = values.tolist()
         n = (step - self.last_step) * self.world
         record = {k: v / n for k, v in zip(keys, values)}
-        finite = all(math.isfinite(v) for v in record.values())
         self.stopping = values[-1] > 0  # agreed by every rank
-        self.skipped_all = int(values[-2])
+        if new is None:
+            self.skipped_all = int(values[-2])
+        elif values[-2]:  # some rank met unreadable samples it had not met before: gather their indices
+            parts = [None] * self.world
+            dist.all_gather_object(parts, new)
+            self.unreadable.update(i for part in parts for i in part)
+            self.skipped_all = len(self.unreadable)
         now = time.time()
         record.update(step=step, epoch=step / self.steps_per_epoch, lr=lr, logit_scale=model.logit_scale.exp().item()
                       if hasattr(model, "logit_scale") else None, skipped_samples=self.skipped_all,
@@ -1841,9 +2283,31 @@ class MetricLog:
             self.pbar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
             self.pbar.update(step - self.last_step)
         self.sums, self.last_time, self.last_step = {}, now, step
-        if not finite:
-            raise SystemExit(f"error: non-finite loss at step {step} ({record}); the last good checkpoint "
-                             f"{self.ckpt_path} is kept. Lower --lr, or use --precision bf16 instead of fp16.")
+        self._judge(step, values[-4], values[-3], "weights")
+
+    def check(self, step, tensors):
+        """Before a checkpoint of `step`: the loss flag and the finiteness of `tensors` (what is about to be
+        saved), all-reduced in one sync; stops the run instead of saving a non-finite value."""
+        guard = torch.stack([(self.first_bad < NO_BAD_STEP).float(), count_nonfinite(tensors).to(self.device)])
+        dist.all_reduce(guard)
+        self._judge(step, *guard.tolist(), "weights or optimizer state")
+
+    def _judge(self, step, bad_loss, bad_tensors, what):
+        if bad_loss:
+            first = self.first_bad.clone()
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the first bad step over all ranks
+            self._stop(f"non-finite loss at step {int(first)}")
+        if bad_tensors:
+            self._stop(f"non-finite {what} at step {step} ({int(bad_tensors)} tensors)")
+        if self.fp16 and not self.scaler.get_scale() >= MIN_LOSS_SCALE:
+            self._stop(f"fp16 loss scale {self.scaler.get_scale():.1e} at step {step}: the loss overflows at any scale")
+
+    def _stop(self, what):
+        kept = (f"the last good checkpoint, of step {self.kept}, is kept in {self.ckpt_path} (continue with --resume)"
+                if self.kept else "no checkpoint was kept (none had been saved)")
+        fix = "use --precision bf16 instead of fp16, or lower --lr" if self.fp16 else "lower --lr, or set --grad-clip"
+        self.pbar.close()  # ends the progress bar's line, so that the error is a line of its own
+        raise SystemExit(f"error: {what}; {kept}. To avoid it: {fix}.")
 
     def eval(self, step, results):
         if is_main():
@@ -1856,23 +2320,61 @@ class MetricLog:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def save_mask_grid(path, images, ema, boxes, keep, patch, mean, std, rows=8, tile=96):
+    """A-CLIP's --save-masks: a PNG, one row per sample: the EMA view (if any) with the crop boxes drawn on
+    it, then each online view with its dropped patches darkened. images: (V·B, 3, S, S) view-major; ema:
+    (B, 3, Se, Se) or None; boxes: (B, V+1, 4); keep: (V·B, K) or None."""
+    B, S = boxes.shape[0], images.shape[-1]
+    V, g = images.shape[0] // B, S // patch
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def to_pil(x, kept=1.0):                                                     # dropped patches darkened
+        x = ((x.detach().float().cpu() * std + mean).clamp(0, 1) * (0.25 + 0.75 * kept)).permute(1, 2, 0)
+        return Image.fromarray((x * 255).round().byte().numpy()).resize((tile, tile), Image.NEAREST)
+
+    sheet = Image.new("RGB", ((V + (ema is not None)) * (tile + 4), min(rows, B) * (tile + 4)), (255, 255, 255))
+    for i in range(min(rows, B)):
+        tiles = []
+        if ema is not None:
+            tiles.append(to_pil(ema[i]))
+            e = boxes[i, -1].tolist()
+            for k in range(V):
+                l, t, w, h = boxes[i, k].tolist()
+                x0, y0 = (l - e[0]) / e[2] * tile, (t - e[1]) / e[3] * tile
+                ImageDraw.Draw(tiles[0]).rectangle([x0, y0, x0 + w / e[2] * tile - 1, y0 + h / e[3] * tile - 1],
+                                                   outline=[(255, 64, 64), (64, 160, 255)][k % 2])
+        for k in range(V):
+            kept = 1.0
+            if keep is not None:
+                kept = torch.zeros(g * g).index_fill_(0, keep[k * B + i].cpu(), 1).view(g, g)
+                kept = kept.repeat_interleave(patch, 0).repeat_interleave(patch, 1)   # (S, S)
+            tiles.append(to_pil(images[k * B + i], kept))
+        for c, tile_img in enumerate(tiles):
+            sheet.paste(tile_img, (c * (tile + 4), i * (tile + 4)))
+    sheet.save(path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Evaluation helpers: zero-shot classification, features, k-NN, zero-shot segmentation
 # ----------------------------------------------------------------------------------------------------
-def eval_dataset(image_size, norm, imagenet_val=None, target="label"):
+def eval_dataset(image_size, norm, imagenet_val=None, target="label", imagenet_templates=OPENAI_IMAGENET_TEMPLATES):
     """The held-out set, its class names and templates: `imagenet_val` (an ImageNet-style val folder) if
-    given, else the built-in shapes' held-out split."""
+    given, with `imagenet_templates`, else the built-in shapes' held-out split."""
     mean, std = NORMS[norm]
     transform = EvalTransform(image_size, mean, std)
     if imagenet_val:
-        return ImageFolder(imagenet_val, transform), IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+        return ImageFolder(imagenet_val, transform), IMAGENET_CLASSNAMES, imagenet_templates
     ds = Shapes("val", length=2048, transform=transform, target=target)
     return ds, ds.classnames, ds.templates
 
 
-def zero_shot_setup(encode_text, *, image_size, norm, imagenet_val, context_length, workers, device):
-    """The zero-shot classifier of the held-out set's classes and a loader of this rank's slice of it."""
-    dataset, classnames, templates = eval_dataset(image_size, norm, imagenet_val)
+def zero_shot_setup(encode_text, *, image_size, norm, imagenet_val, context_length, workers, device,
+                    imagenet_templates=OPENAI_IMAGENET_TEMPLATES):
+    """The zero-shot classifier of the held-out set's classes and a loader of this rank's slice of it. On
+    ImageNet the log says how many templates (imagenet_templates: OpenAI's 80 unless the method says)."""
+    dataset, classnames, templates = eval_dataset(image_size, norm, imagenet_val, imagenet_templates=imagenet_templates)
+    if imagenet_val:
+        print0(f"zero-shot on {imagenet_val}: {len(templates)} prompt templates per class")
     if len(classnames) != len(getattr(dataset, "classes", classnames)):
         raise UsageError(f"{imagenet_val} has {len(dataset.classes)} class folders but there are "
                          f"{len(classnames)} class names; point --imagenet-val at a 1000-class val folder")
@@ -2008,6 +2510,59 @@ def miou(confusion):
     return (100 * (inter[union > 0] / union[union > 0]).mean()).item(), (100 * inter.sum() / confusion.sum()).item()
 
 
+def collapse_confusion(confusion, groups):
+    """Confusion counts in coarser labels: label i of `confusion` (L, L) becomes label groups[i]; (G, G),
+    G = max(groups) + 1. Truth and prediction are mapped alike, so the result is the confusion matrix the
+    coarser task would have counted."""
+    g = torch.as_tensor(groups, device=confusion.device)
+    n, L = int(g.max()) + 1, g.numel()
+    out = torch.zeros(n, n, dtype=confusion.dtype, device=confusion.device)
+    rows, cols = g[:, None].expand(L, L).flatten(), g[None, :].expand(L, L).flatten()
+    return out.index_put_((rows, cols), confusion.flatten(), accumulate=True)
+
+
+# The built-in segmentation labels (0 = background, 1 + c for class c = shape * 8 + colour) grouped three ways
+SHAPES_LABEL_SETS = {
+    "colour": [0] + [1 + c % len(COLOURS) for c in range(len(SHAPE_CLASSNAMES))],    # background + 8 colours
+    "shape": [0] + [1 + c // len(COLOURS) for c in range(len(SHAPE_CLASSNAMES))],    # background + 8 shapes
+    "fg": [0] + [1] * len(SHAPE_CLASSNAMES),                                          # background, object
+}
+
+
+def shapes_segmentation_scores(confusion):
+    """The built-in zero-shot segmentation, scored from one (65, 65) confusion matrix (background + the 64
+    shape × colour classes; rows truth, columns prediction) in four ways, all in %:
+
+      seg_mIoU        mIoU over the 65 labels: a pixel counts only when its shape and its colour are right;
+      seg_colour_mIoU mIoU over background + 8 colours: is the object where the truth has it, in its colour;
+      seg_shape_mIoU  mIoU over background + 8 shapes: the same for the shape;
+      seg_fg_IoU      IoU of the object pixels (object against background, whatever class is named): how well
+                      the text prompts separate the object from the background;
+      seg_pixel_acc   pixels whose 65-way label is right.
+
+    A mean IoU is over the labels present in the truth or the prediction. A perfect predictor scores 100
+    everywhere. A constant prediction of the background scores seg_fg_IoU 0 and, in each mIoU, the
+    background's pixel fraction (about 0.7) divided by the labels present; a constant object label scores
+    seg_fg_IoU = the object pixels' fraction (about 0.28) and near 0 in each mIoU.
+
+    What separates models (tiny model, 256 held-out images at 64 px, 8 × 8 patches): the 65-label mIoU stays
+    at its floor for every model (untrained CLIP 0.4, the CLIP demo after 250 steps 1.4: each class is 1/64 of
+    the objects and one wrong attribute zeroes a pixel); the colour mIoU goes from 4.1 (untrained) to 22.3
+    (trained; 18.6 at the model's 32 px, 4 × 4 patches), since the trained patch tokens name the right
+    colour on 90% of the object pixels they call object. The foreground IoU is the strict test of
+    localisation: CLIP's patch tokens call 33% of the object pixels and 33% of the background pixels object
+    (18.5, below the 28 of an untrained model that calls everything object), so it rewards a model whose
+    patches know where the object is, which is what SILC's local-to-global distillation claims."""
+    full, acc = miou(confusion)
+    out = {"seg_mIoU": full, "seg_pixel_acc": acc}
+    for name in ("colour", "shape"):
+        out[f"seg_{name}_mIoU"] = miou(collapse_confusion(confusion, SHAPES_LABEL_SETS[name]))[0]
+    fg = collapse_confusion(confusion, SHAPES_LABEL_SETS["fg"]).double()
+    union = fg[1].sum() + fg[:, 1].sum() - fg[1, 1]
+    out["seg_fg_IoU"] = (100 * fg[1, 1] / union).item() if union > 0 else 100.0   # no object, none found
+    return out
+
+
 @torch.no_grad()
 def shapes_segmentation_classifier(encode_text, context_length, device, classes=None):
     """(8 + C, E): the 8 background prompts ('a photo of a gray background.', one per background colour of the
@@ -2021,13 +2576,16 @@ def shapes_segmentation_classifier(encode_text, context_length, device, classes=
 
 
 @torch.no_grad()
-def shapes_segmentation(encode_dense, classifier, *, image_size, patch_size, norm, device, n_images=512):
-    """Zero-shot segmentation mIoU (%) on the first n_images built-in held-out images (one shape each, split
-    across ranks): cosine of every patch feature with the 8 background prompts and the 64 class embeddings
+def shapes_segmentation(encode_dense, classifier, *, image_size, patch_size, norm, device, n_images=512,
+                        seg_size=None, scores=False):
+    """Zero-shot segmentation on the first n_images built-in held-out images (one shape each, split across
+    ranks), shown to the model at seg_size px (default: image_size; the position embedding is interpolated for
+    another size): cosine of every patch feature with the 8 background prompts and the 64 class embeddings
     (`shapes_segmentation_classifier`), upsampled to the 64 px mask, per-pixel argmax; a pixel is background
-    when a background prompt wins."""
+    when a background prompt wins. Returns the 65-label mIoU (%), or with scores=True every score of
+    `shapes_segmentation_scores` (the colour mIoU is the one that separates trained from untrained models)."""
     mean, std = NORMS[norm]
-    transform, data = EvalTransform(image_size, mean, std), Shapes("val", length=n_images)
+    transform, data = EvalTransform(seg_size or image_size, mean, std), Shapes("val", length=n_images)
     rank, world = rank_world()
     mine = list(range(rank, n_images, world))
     n = 1 + len(SHAPE_CLASSNAMES)
@@ -2041,7 +2599,7 @@ def shapes_segmentation(encode_dense, classifier, *, image_size, patch_size, nor
         grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
         confusion += segmentation_confusion(dense, classifier, len(BACKGROUNDS), grid, masks)
     all_reduce(confusion)
-    return miou(confusion)[0]
+    return shapes_segmentation_scores(confusion) if scores else miou(confusion)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ Protocols:
     evaluation; VOC: BACKGROUND_WORDS); `--bg-threshold t` also calls a pixel background when its highest
     class probability, softmax(100·cos) over the classes, is below t. VOC images keep their aspect
     ratio (shorter side to `--seg-size`, sides rounded to the patch). mIoU over the classes present in the
-    truth or the prediction, background included; label 255 is ignored.
+    truth or the prediction, background included; label 255 is ignored. The built-in set is shown at its
+    native 64 px (at least; an 8 × 8 patch grid for the tiny model, whose input is 32 px) and is scored four
+    ways from the same prediction (common.shapes_segmentation_scores): the 65-label mIoU (shape and colour
+    both right), the colour mIoU (background + 8 colours: the label set that tells a trained model from an
+    untrained one), the shape mIoU (background + 8 shapes) and the foreground IoU (object against
+    background).
   - k-NN (DINO's): cosine similarity, the k = 20 (`--knn-k`) nearest training features vote with weight
     exp(sim / 0.07).
   - linear probe (project choice): multinomial logistic regression on cached frozen features, z-scored
@@ -99,6 +104,7 @@ VOC_CLASSNAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car"
 BACKGROUND_WORDS = ["background", "sky", "wall", "floor", "ceiling", "ground", "grass", "tree", "road",
                     "building", "water", "sand", "snow", "mountain", "fence", "window", "door", "curtain"]
 PROBE_LAMBDAS = [10.0 ** -k for k in range(1, 9)]  # L2 strengths tried by the linear probe: 1e-1 ... 1e-8
+BUILTIN_SEG_SIZE = 64  # the built-in renderer's side (common.Shapes): its segmentation runs at this size or more
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,7 +242,9 @@ class SegTransform:
 
 class ShapesSegmentation(torch.utils.data.Dataset):
     """The built-in held-out images with their renderer's masks: (image, LongTensor[64, 64] mask, 0);
-    mask 0 = background, 1 + c = class c."""
+    mask 0 = background, 1 + c = class c (c = shape * 8 + colour). Each image holds one object on a muted
+    background; the task asks, per pixel, whether the text prompts put the object where it is, with its
+    colour and shape (see common.shapes_segmentation_scores for the four scores)."""
 
     def __init__(self, length, transform):
         self.shapes, self.transform = common.Shapes("val", length=length), transform
@@ -318,6 +326,9 @@ def benchmarks(args, meta):
     mean, std = common.NORMS[meta["norm"]]
     transform = common.EvalTransform(meta["image_size"], mean, std)
     seg_transform = SegTransform(args.seg_size or meta["image_size"], meta["patch_size"], mean, std)
+    # the built-in images at their native size or larger: a patch grid fine enough for the objects
+    builtin_seg = SegTransform(args.seg_size or max(meta["image_size"], BUILTIN_SEG_SIZE), meta["patch_size"], mean,
+                               std)
     templates = TEMPLATES[args.templates]
     out = []
     if args.builtin:
@@ -328,8 +339,8 @@ def benchmarks(args, meta):
         out.append(("builtin", {
             "zeroshot": (val, val.classnames, val.templates),
             "retrieval": (val, captions, list(range(n))),
-            "segmentation": (ShapesSegmentation(n, seg_transform), val.classnames, backgrounds, val.templates,
-                             args.batch_size),
+            "segmentation": (ShapesSegmentation(n, builtin_seg), val.classnames, backgrounds, val.templates,
+                             args.batch_size, common.shapes_segmentation_scores),
             "knn": (common.Shapes("train", length=2 * n, transform=transform, target="label"), val,
                     len(val.classnames))},
             f"built-in shapes: {n} held-out images, {2 * n} training images for k-NN / probe, "
@@ -362,14 +373,15 @@ def benchmarks(args, meta):
             j = index.setdefault(csv.images[i], len(paths))
             if j == len(paths):
                 paths.append(csv.images[i])
-            captions.append(csv.captions[i])
-            caption_image.append(j)
+            for caption in csv.row_captions(i):  # several caption columns: each a caption of the image
+                captions.append(caption)
+                caption_image.append(j)
         name = os.path.splitext(os.path.basename(args.retrieval_csv))[0]
         out.append((name, {"retrieval": (ImageFiles(csv.root, paths, transform), captions, caption_image)},
                     f"{len(paths)} images, {len(captions)} captions"))
     if args.voc:
         out.append(("voc", {"segmentation": (VOCSegmentation(args.voc, seg_transform), VOC_CLASSNAMES,
-                                             BACKGROUND_WORDS, templates, 1)},
+                                             BACKGROUND_WORDS, templates, 1, None)},
                     f"VOC val, 20 classes + background, {TEMPLATE_NAMES[args.templates]}, shorter side "
                     f"{seg_transform.size}"))
     if args.probe_train:
@@ -494,7 +506,9 @@ def run_retrieval(tower, inputs, meta, args, device, desc):
 
 
 def run_segmentation(tower, inputs, meta, args, device, desc):
-    dataset, names, backgrounds, templates, batch_size = inputs
+    """{seg_mIoU, seg_pixel_acc} (%), or what `scores(confusion)` makes of the confusion counts (the built-in
+    set's four scores)."""
+    dataset, names, backgrounds, templates, batch_size, scores = inputs
     classifier = torch.cat([class_embeddings(tower, prompts, templates, meta, device, f"{desc} {what} embeddings")
                             for what, prompts in (("background", backgrounds), ("class", names))])
     n = 1 + len(names)
@@ -506,6 +520,8 @@ def run_segmentation(tower, inputs, meta, args, device, desc):
         grid = (images.shape[-2] // meta["patch_size"], images.shape[-1] // meta["patch_size"])
         confusion += segmentation_confusion(dense, classifier, len(backgrounds), grid, masks, args.bg_threshold)
     common.all_reduce(confusion)
+    if scores is not None:
+        return scores(confusion)
     mean_iou, pixel_acc = miou(confusion)
     return {"seg_mIoU": mean_iou, "seg_pixel_acc": pixel_acc}
 
@@ -552,13 +568,12 @@ def evaluate_tower(name, tower, benches, meta, args, device):
 # Main
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("weights", help="checkpoint.pt or export_*.pt of this project, an OpenAI CLIP .pt archive, or "
                                    "an OpenAI / open_clip ViT state dict")
     g = p.add_argument_group("datasets (without any, the built-in held-out set runs)")
     g.add_argument("--builtin", action="store_true", help="the built-in shapes: every task")
-    g.add_argument("--builtin-samples", type=int, default=2048,
+    g.add_argument("--builtin-samples", type=common.at_least(1, eg=2048), default=2048,
                    help="built-in held-out images (k-NN / probe train on 2x as many training images)")
     g.add_argument("--imagenet-val", help="ImageNet-style val folder (one subfolder per class): zero-shot")
     g.add_argument("--classnames", help="text file, one class name per line in sorted-folder order, for an "
@@ -569,23 +584,27 @@ def parse_args(argv=None):
     g.add_argument("--cifar100", help="torchvision CIFAR-100 root (cifar-100-python inside): zero-shot, k-NN, probe")
     g.add_argument("--retrieval-csv", help="image-caption CSV/TSV (e.g. Karpathy-split COCO / Flickr test): retrieval")
     g.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths (relative to the CSV)")
-    g.add_argument("--csv-caption-key", default="title", help="CSV column of captions")
+    g.add_argument("--csv-caption-key", default="title",
+                   help="CSV column of captions; 'title,description': each non-empty one is a caption")
     g.add_argument("--csv-separator", default="\t", help="CSV separator")
     g.add_argument("--voc", help="Pascal VOC folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt): "
                                  "segmentation")
-    g.add_argument("--seg-size", type=int, help="shorter image side for segmentation (default: the model's input size)")
-    g.add_argument("--bg-threshold", type=float, default=0.0,
+    g.add_argument("--seg-size", type=common.at_least(8, eg=224),
+                   help="shorter image side for segmentation (default: the model's input size; for the built-in "
+                        "set at least its native 64 px)")
+    g.add_argument("--bg-threshold", type=common.fraction(eg=0.5), default=0.0,
                    help="segmentation: also call a pixel background when its best class probability is below this")
     g.add_argument("--probe-train", help="ImageFolder of training images: k-NN and linear probe")
     g.add_argument("--probe-val", help="ImageFolder of val images, the same classes: k-NN and linear probe")
     g = p.add_argument_group("tasks and model")
     g.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN vote")
+    g.add_argument("--knn-k", type=common.at_least(1, eg=20), default=20, help="neighbours of the k-NN vote")
     g.add_argument("--act", choices=["quickgelu", "gelu"], help="override the MLP activation")
     g.add_argument("--norm", choices=list(common.NORMS), help="override the pixel normalisation")
     g = p.add_argument_group("system")
-    g.add_argument("--batch-size", type=int, default=256, help="images per batch and rank")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    g.add_argument("--batch-size", type=common.at_least(1, eg=256), default=256, help="images per batch and rank")
+    g.add_argument("--workers", type=common.at_least(0, eg=8), default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes per rank")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--out", help="JSON file of all numbers (default: eval_<weights name>.json next to the weights)")
     args = p.parse_args(argv)

@@ -35,8 +35,10 @@ Project choices where the paper is silent:
     a learned [MASK] embedding (equivalent to a new id 49408); the text encoder keeps its causal mask;
     the 4-block text decoder is bidirectional and its vocabulary head is untied;
   - the recipe is SLIP's CLIP ViT-B/16 recipe (lr 5e-4, wd 0.5, betas (0.9, 0.98), 1 warm-up epoch,
-    RandomResizedCrop scale (0.5, 1), ImageNet normalisation), bf16 autocast instead of fp16; both towers
-    take OpenAI's initialisation;
+    RandomResizedCrop scale (0.5, 1), bilinear, ImageNet normalisation, SLIP's weight-decay groups), bf16
+    autocast instead of fp16; both towers take OpenAI's init stds (SLIP's initialize_parameters sets only
+    the text tower's; its timm image tower keeps timm's init);
+  - YFCC-15M captions: title or description, drawn per sample (SLIP's loader);
   - the contrastive all-gather carries the gradient (SLIP's does not), so G GPUs give the gradients of
     one GPU on the whole batch.
 
@@ -59,6 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -74,7 +77,8 @@ DATA_KIND = "image-text"  # what the training data must provide: image-text pair
 RECIPE = dict(model="ViT-B/16", batch_size=4096, epochs=25, lr=5e-4, lr_start=1e-6, lr_end=1e-5,
               warmup_epochs=1.0, act="quickgelu", wd=0.5, beta1=0.9, beta2=0.98, eps=1e-8, grad_clip=0.0,
               norm="imagenet", crop_scale=0.5, eval_every=1.0, workers=8, quant_k=8192, dec_width=768,
-              dec_heads=12, text_dec_depth=4, ema_momentum=0.999)
+              dec_heads=12, text_dec_depth=4, ema_momentum=0.999,
+              csv_caption_key="title,description")
 # The built-in demo: what runs when --train-data is not given (tiny model, shapes rendered on the fly).
 DEMO = dict(model="tiny", batch_size=128, epochs=3, lr=1e-3, lr_start=1e-6, lr_end=1e-5, warmup_epochs=0.5,
             wd=0.1, crop_scale=0.9, builtin_samples=16384, eval_every=0.0, workers=1, quant_k=32, dec_width=128,
@@ -83,19 +87,25 @@ DEMO = dict(model="tiny", batch_size=128, epochs=3, lr=1e-3, lr_start=1e-6, lr_e
 
 def add_method_args(p):
     g = p.add_argument_group("MaskCLIP")
-    g.add_argument("--dist-weight", type=float, default=0.05, help="λ, weight of L_Dist (paper 0.05; 0 = off)")
-    g.add_argument("--mlm-weight", type=float, default=0.05, help="β, weight of L_MLM (paper 0.05; 0 = off)")
-    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches masked for the student")
-    g.add_argument("--dec-depth", type=int, default=1, help="image decoder blocks")
-    g.add_argument("--dec-width", type=int, help="image decoder width (paper recipe 768)")
-    g.add_argument("--dec-heads", type=int, help="image decoder heads (paper recipe 12)")
-    g.add_argument("--quant-k", type=int, help="number of codewords K of the online quantizer (paper recipe 8192)")
-    g.add_argument("--tau-s", type=float, default=0.1, help="student softmax temperature")
-    g.add_argument("--tau-t", type=float, default=0.04, help="teacher softmax temperature")
-    g.add_argument("--ema-momentum", type=float, help="constant EMA momentum α of the teacher (paper recipe 0.999)")
-    g.add_argument("--mlm-ratio", type=float, default=0.2, help="fraction of caption word tokens masked")
-    g.add_argument("--text-dec-depth", type=int, help="MLM text decoder blocks (paper recipe 4; 0 = predict "
-                                                       "from the text encoder's output)")
+    g.add_argument("--dist-weight", type=common.at_least(0, float, 0.05), default=0.05,
+                   help="λ, weight of L_Dist (paper 0.05; 0 = off)")
+    g.add_argument("--mlm-weight", type=common.at_least(0, float, 0.05), default=0.05,
+                   help="β, weight of L_MLM (paper 0.05; 0 = off)")
+    g.add_argument("--mask-ratio", type=common.fraction(hi_open=True, eg=0.75), default=0.75,
+                   help="fraction of patches masked for the student")
+    g.add_argument("--dec-depth", type=common.at_least(1), default=1, help="image decoder blocks")
+    g.add_argument("--dec-width", type=common.at_least(4, eg=768), help="image decoder width (paper recipe 768)")
+    g.add_argument("--dec-heads", type=common.at_least(1, eg=12), help="image decoder heads (paper recipe 12)")
+    g.add_argument("--quant-k", type=common.at_least(2, eg=8192),
+                   help="number of codewords K of the online quantizer (paper recipe 8192)")
+    g.add_argument("--tau-s", type=common.positive(0.1), default=0.1, help="student softmax temperature")
+    g.add_argument("--tau-t", type=common.positive(0.04), default=0.04, help="teacher softmax temperature")
+    g.add_argument("--ema-momentum", type=common.fraction(eg=0.999),
+                   help="constant EMA momentum α of the teacher (paper recipe 0.999)")
+    g.add_argument("--mlm-ratio", type=common.fraction(lo_open=True, eg=0.2), default=0.2,
+                   help="fraction of caption word tokens masked")
+    g.add_argument("--text-dec-depth", type=common.at_least(0, eg=4),
+                   help="MLM text decoder blocks (paper recipe 4; 0 = predict from the text encoder's output)")
     g = p.add_argument_group("MaskCLIP ablations (alternative designs the paper leaves open)")
     g.add_argument("--masked-encoding", default="visible", choices=["visible", "mask-token"],
                    help="visible: the student encodes the visible patches only (MAE); mask-token: all patches, "
@@ -184,18 +194,19 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x, causal=False, cls_attention=False):
-        """x: (B, N, D) -> (B, N, D). With cls_attention=True also returns every block's [CLS] attention
-        row, averaged over heads: (layers, B, N)."""
+    def forward(self, x, causal=False, cls_attention=0):
+        """x: (B, N, D) -> (B, N, D). With cls_attention=n > 0 also returns the [CLS] attention rows of the
+        last n blocks, averaged over heads: (n, B, N); the other blocks do not compute theirs."""
         maps = []
-        for block in self.resblocks:
+        for i, block in enumerate(self.resblocks):
+            row = i >= self.layers - cls_attention
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, cls_attention, use_reentrant=False)
+                x = checkpoint(block, x, causal, row, use_reentrant=False)
             else:
-                x = block(x, causal, cls_attention)
-            if cls_attention:
-                x, row = x
-                maps.append(row)
+                x = block(x, causal, row)
+            if row:
+                x, r = x
+                maps.append(r)
         return (x, torch.stack(maps)) if cls_attention else x
 
 
@@ -213,44 +224,45 @@ def init_transformer(tower):
 
 class VisionTransformer(nn.Module):
     """ViT with OpenAI CLIP's parameter names. Returns every token, so that teachers and decoders get the
-    patch features, not only the pooled [CLS]."""
+    patch features, not only the pooled [CLS]. class_token=False: no [CLS] and no ln_pre (big_vision's ViT,
+    for heads that pool the patches)."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act):
+    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act, class_token=True):
         super().__init__()
-        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_size, self.grid, self.n_cls = patch_size, image_size // patch_size, int(class_token)
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.n_cls + self.grid ** 2, width))
+        self.ln_pre = nn.LayerNorm(width) if class_token else nn.Identity()
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def pos_embed(self, gh, gw):
-        """Position embedding for a gh × gw grid, [CLS] row first: (1 + gh·gw, D). Bicubically interpolated
-        when the grid differs from the one the model was built for (other input sizes)."""
+        """Position embedding for a gh × gw grid, [CLS] row first if any: (n_cls + gh·gw, D). Bicubically
+        interpolated when the grid differs from the one the model was built for (other input sizes)."""
         if (gh, gw) == (self.grid, self.grid):
             return self.positional_embedding
-        cls, patches = self.positional_embedding[:1], self.positional_embedding[1:]
+        cls, patches = self.positional_embedding[:self.n_cls], self.positional_embedding[self.n_cls:]
         patches = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)      # (1, D, g, g)
         patches = F.interpolate(patches.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (1+gh·gw, D)
+        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (n_cls+gh·gw, D)
 
-    def forward(self, x, keep=None, cls_attention=False):
+    def forward(self, x, keep=None, cls_attention=0):
         """x: (B, 3, H, W); keep: (B, K) indices of the patches to encode, or None for all. Each kept patch
-        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS]
-        first: (B, 1+K, D) (and the [CLS] attention maps with cls_attention=True, see Transformer)."""
+        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS] first
+        if any: (B, n_cls+K, D) (and the last cls_attention blocks' [CLS] rows, see Transformer)."""
         x = self.conv1(x)                                          # (B, D, gh, gw)
         B, D, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)                           # (B, N, D)
         pos = self.pos_embed(gh, gw).to(x.dtype)
-        x = x + pos[1:]
+        x = x + pos[self.n_cls:]
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, D))     # (B, K, D)
-        cls = (self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D)
-        x = self.ln_pre(torch.cat([cls, x], dim=1))                # (B, 1+K, D)
-        return self.transformer(x, cls_attention=cls_attention)
+        if self.n_cls:
+            x = torch.cat([(self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D), x], dim=1)  # (B, 1+K, D)
+        return self.transformer(self.ln_pre(x), cls_attention=cls_attention)
 
 
 class CLIP(nn.Module):
@@ -259,9 +271,9 @@ class CLIP(nn.Module):
     `logit_scale`, ...), so that OpenAI and open_clip ViT checkpoints load with strict checks."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, context_length, text_width, text_layers,
-                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE):
+                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE, class_token=True):
         super().__init__()
-        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act)
+        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act, class_token)
         self.token_embedding = nn.Embedding(vocab_size, text_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, text_width))
         self.transformer = Transformer(text_width, text_layers, text_heads, act)
@@ -369,18 +381,6 @@ def mlm_loss(logits, targets):
 # ----------------------------------------------------------------------------------------------------
 # <method> Model
 # ----------------------------------------------------------------------------------------------------
-def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos position embedding (MAE), with an all-zero [CLS] row first: (1 + grid², dim)."""
-    if dim % 4:
-        raise ValueError(f"the sin-cos embedding needs a width divisible by 4, not {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (dim/4,)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    out_x, out_y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega                 # (grid², dim/4)
-    emb = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)         # (grid², dim)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
-
-
 class Quantizer(nn.Module):
     """The online quantizer h: cosine similarity of each feature with K learned codewords, cos(f, C),
     optionally after iBOT's 3-layer MLP. The softmax with its temperature is taken by the loss."""
@@ -414,10 +414,11 @@ class MaskCLIP(CLIP):
             if masked_encoding == "mask-token":  # BEiT-style: the encoder sees every position
                 self.encoder_mask_token = nn.Parameter(torch.zeros(width))
                 nn.init.normal_(self.encoder_mask_token, std=0.02)
+            else:  # MAE-style: the decoder fills the masked positions (only then is a decoder mask token used)
+                self.mask_token = nn.Parameter(torch.zeros(dec_width))
+                nn.init.normal_(self.mask_token, std=0.02)
             self.decoder_embed = nn.Linear(width, dec_width)
-            self.mask_token = nn.Parameter(torch.zeros(dec_width))
-            nn.init.normal_(self.mask_token, std=0.02)
-            self.register_buffer("decoder_pos", sincos_2d(self.grid, dec_width), persistent=False)
+            self.register_buffer("decoder_pos", common.sincos_2d(self.grid, dec_width), persistent=False)
             self.decoder = Transformer(dec_width, dec_depth, dec_heads, cfg["act"])
             init_transformer(self.decoder)
             self.decoder_norm = nn.LayerNorm(dec_width)
@@ -546,6 +547,13 @@ class Teacher(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 def build_model(cfg, args):
     """(MaskCLIP, its EMA teacher or None when L_Dist is off)."""
+    n, w = (cfg["image_size"] // cfg["patch_size"]) ** 2, args.dec_width
+    for bad, msg in [(args.dist_weight > 0 and int(n * (1 - args.mask_ratio)) < 1,
+                      f"--mask-ratio {args.mask_ratio} leaves none of the {n} patches visible; e.g. 0.75"),
+                     (args.dist_weight > 0 and (w % 4 or w % args.dec_heads),
+                      f"--dec-width {w} must be a multiple of 4 and of --dec-heads {args.dec_heads}; e.g. 768 and 12")]:
+        if bad:
+            raise common.UsageError(msg)
     model = MaskCLIP(**cfg, dist_weight=args.dist_weight, mlm_weight=args.mlm_weight, tau_s=args.tau_s,
                      masked_encoding=args.masked_encoding, dec_width=args.dec_width, dec_depth=args.dec_depth,
                      dec_heads=args.dec_heads, quant_k=args.quant_k, quant_mlp=args.quant_mlp,
@@ -557,12 +565,13 @@ def build_model(cfg, args):
 
 def train_transform(args, cfg):
     mean, std = common.NORMS[args.norm]
-    return common.TrainCrop(cfg["image_size"], (args.crop_scale, 1.0), mean, std)
+    return common.TrainCrop(cfg["image_size"], (args.crop_scale, 1.0), mean, std, resample=Image.BILINEAR)  # SLIP
 
 
 def no_weight_decay(name, param):
-    """Gains, biases, embeddings and the temperature: no weight decay."""
-    return param.ndim < 2 or name in ("token_embedding.weight", "positional_embedding", "visual.positional_embedding")
+    """SLIP's rule (main.py): no decay for gains, biases and the temperature (ndim < 2, or 'bias', 'ln' or
+    'bn' in the name); the token and position embeddings are decayed."""
+    return param.ndim < 2 or any(k in name for k in ("bias", "ln", "bn"))
 
 
 def train_step(ddp, model, teacher, batch, step, sched, args, device):
@@ -637,12 +646,14 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
     """CLIP's InfoNCE over all ranks. image_emb, text_emb: (B, E) L2-normalised, this rank's pairs;
     logit_scale: the log of the temperature's inverse s. Each rank builds B × (world·B) logits (local
     loss, gather with gradient); labels are rank·B + arange(B). Returns the two directions (L_I, L_T),
-    each a mean over this rank's B rows."""
-    all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)   # (world·B, E)
-    s = logit_scale.exp()
-    labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
-    loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
-    loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
+    each a mean over this rank's B rows. Computed in fp32, also under autocast."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        image_emb, text_emb = image_emb.float(), text_emb.float()
+        all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)  # (world·B, E)
+        s = logit_scale.float().exp()
+        labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
+        loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
+        loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
     return loss_i, loss_t
 
 
@@ -697,8 +708,8 @@ def train_one_step(ddp, model, teacher, batch, optimizer, scaler, step, sched, a
 
 
 def model_config(args):
-    return dict(common.MODELS[args.model], act=args.act, context_length=getattr(args, "context_length", None)
-                or common.MODELS[args.model]["context_length"])
+    size = common.model_size(METHOD, args.model)
+    return dict(size, act=args.act, context_length=getattr(args, "context_length", None) or size["context_length"])
 
 
 def parse_args(argv=None):
@@ -716,8 +727,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        common.close_run()
 
 
 def train(args):
@@ -739,7 +749,6 @@ def train(args):
     step = common.restore(ckpt, ckpt_path, method=METHOD, model=model, teacher=teacher, optimizer=optimizer,
                           scaler=scaler, rank=rank, world=world, seed=args.seed)   # then per-rank random states
     del ckpt
-    os.makedirs(args.out_dir, exist_ok=True)
     if common.is_main():
         common.write_provenance(args.out_dir, args, world, __file__)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -748,8 +757,8 @@ def train(args):
     common.print0(f"{METHOD}: {args.model}, {n_params / 1e6:.1f}M trained parameters, {world} process(es) on "
                   f"{device}, global batch {args.batch_size}, {spe} steps/epoch, {sched.total} steps, lr {args.lr:g} "
                   f"({args.precision}); data: {args.train_data or 'built-in shapes'}; out: {args.out_dir}")
-    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, batch_size=args.batch_size,
-                           steps_per_epoch=spe, total=sched.total, step=step, ckpt_path=ckpt_path)
+    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, data=data, total=sched.total,
+                           step=step, ckpt_path=ckpt_path, scaler=scaler)
     eval_every = round(args.eval_every * spe) if args.eval_every else 0
     epoch, skip = divmod(step, spe)
     batches = data.batches(epoch, skip)
@@ -770,7 +779,7 @@ def train(args):
             model.train()
         if (step % args.save_every == 0 and step < sched.total) or log.stopping:
             common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model,
-                                   teacher=teacher, optimizer=optimizer, scaler=scaler)
+                                   teacher=teacher, optimizer=optimizer, scaler=scaler, log=log)
         if log.stopping:
             common.print0(f"SIGTERM: checkpoint saved at step {step} in {ckpt_path}; continue with --resume")
             break
@@ -778,7 +787,7 @@ def train(args):
     if log.stopping:
         return
     common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model, teacher=teacher,
-                           optimizer=optimizer, scaler=scaler)
+                           optimizer=optimizer, scaler=scaler, log=log)
     exports = export_state_dicts(model.state_dict(), teacher.state_dict() if common.trained(teacher) else None)
     if common.is_main():
         for name, sd in exports.items():

@@ -14,7 +14,8 @@ Objective (Eq. 1, the unified view, with M the masked patches, |M| the same in e
     L = 1/(|M|·D_t) Σ_{i∈M} Σ_c SmoothL1_β( H(S(x̃))_{i,c}, N(T(x))_{i,c} )
     x̃ = x with patch embeddings e_i ← e_i·(1 - m_i) + e_[MASK]·m_i        m_i = 1 for i ∈ M
     N(t) = (t - mean(t)) / sqrt(var(t) + 1e-5)   over the D_t channels of each teacher patch token
-    T(x) = ln_post(CLIP_visual(x))[:, 1:] @ proj  (`--teacher-output`, default ln_post_proj)
+    T(x) = ln_post(CLIP_visual(x))[:, 1:] @ proj  project choice (BEiT v2's CLIP target; `--teacher-output`)
+    β = 1                                          project choice (`--smooth-l1-beta`; the paper's value is unknown)
 
 Differs from the CLIP baseline (maskclip.py with `--dist-weight 0 --mlm-weight 0`) in every method section:
 the student is a BEiT ViT, not a CLIP, and the only loss is the regression of the teacher's features.
@@ -23,18 +24,20 @@ or silc.py, an OpenAI TorchScript archive or an OpenAI/open_clip state dict.
 Read one step: train_step → Teacher.targets → gather_tokens → MaskDistill.forward (embed, encode, head)
 → regression_loss.
 
-Project choices where the paper is silent (BEiT v2's code, microsoft/unilm beit2/):
+Project choices where the paper is silent (from BEiT v2's code, microsoft/unilm beit2/, where it has one):
   - student (modeling_pretrain.py): no absolute position embedding, one relative position bias shared by
     all blocks (zero init), q/v biases (no k bias), layer scale 0.1 (1e-5 from width 1024 on), LayerNorm
     eps 1e-6, trunc-normal init (std 0.02, cut at ±0.02), then attn.proj / mlp.c_proj of block l / sqrt(2l);
   - masking (masking_generator.py): block-wise with an exact count, 75 of 196 patches (the same fraction,
-    rounded, on other grids), blocks of at least 16 patches, aspect ratio in [0.3, 1/0.3], 10 tries per
-    block, then a uniform fill up to the count; drawn per sample in the data loader;
+    rounded, on other grids), blocks of 16 to 75 patches (the count), aspect ratio in [0.3, 1/0.3], 10 tries
+    per block, then a uniform fill up to the count; drawn per sample in the data loader;
   - teacher: the same augmented view as the student, unmasked; the student's pixels are converted on the
     device to the teacher's normalisation (the one its file records, else CLIP's); a teacher with another
-    patch size gets its input resized to student grid × teacher patch and its position embedding
-    interpolated; any other grid mismatch is an error. Target N(ln_post(·) @ proj), 512-d for CLIP-B/16;
-  - loss: Smooth-L1 with β = 1.0, averaged over masked tokens and channels;
+    patch size gets the same crop resized to student grid × teacher patch by the data transform (BEiT v2's
+    second input size) and its position embedding interpolated; any other grid mismatch is an error;
+  - target: N(ln_post(·) @ proj), 512-d for CLIP-B/16 (BEiT v2's CLIP target; the paper does not say which
+    CLIP output);
+  - loss: Smooth-L1 with β = 1.0 (PyTorch's default; data2vec uses 2), averaged over masked tokens and channels;
   - recipe (PRETRAINING.md): 300-epoch ViT-B (batch 2048, AdamW (0.9, 0.98), lr 1.5e-3 from 0 over 10
     warm-up epochs, cosine to 1e-5, wd 0.05 (not on 1-D weights, biases, [CLS]), clip 3.0, crop scale
     0.2, colour jitter 0.4, flip), bf16 autocast instead of fp16;
@@ -98,17 +101,25 @@ def add_method_args(p):
                         "OpenAI's weights; LAION open_clip weights need gelu)")
     g.add_argument("--teacher-norm", default="file", choices=["file", *common.NORMS],
                    help="the teacher's pixel normalisation: 'file' takes the one its file records, else CLIP's")
-    g.add_argument("--smooth-l1-beta", type=float, default=1.0, help="β of the Smooth-L1 loss (2.0: data2vec's)")
-    g.add_argument("--num-mask-patches", type=int,
+    g.add_argument("--smooth-l1-beta", type=common.positive(1.0), default=1.0,
+                   help="β of the Smooth-L1 loss (2.0: data2vec's)")
+    g.add_argument("--num-mask-patches", type=common.at_least(1, eg=75),
                    help="patches masked in every image (default: 75 of 196 at 224/16; the same fraction, rounded, "
                         "on other grids)")
-    g.add_argument("--min-mask-patches-per-block", type=int, help="smallest block of the block-wise generator")
-    g.add_argument("--layer-scale-init", type=float,
+    g.add_argument("--min-mask-patches-per-block", type=common.at_least(1, eg=16),
+                   help="smallest block of the block-wise generator")
+    g.add_argument("--max-mask-patches-per-block", type=common.at_least(1, eg=75),
+                   help="largest block of the block-wise generator, in patches (default: the masked count, as BEiT "
+                        "v2's max_num_patches=None)")
+    g.add_argument("--layer-scale-init", type=common.at_least(0, float, 0.1),
                    help="initial layer-scale γ (default: 0.1, or 1e-5 from width 1024 on, as BEiT v2; 0 = off)")
-    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block "
-                                                                "(BEiT v2: 0 for 300 epochs, 0.1 for 1600)")
-    g.add_argument("--color-jitter", type=float, help="brightness, contrast and saturation jitter")
-    g.add_argument("--knn-samples", type=int, help="training images whose features the k-NN evaluation votes with")
+    g.add_argument("--drop-path", type=common.fraction(hi_open=True, eg=0.1), default=0.0,
+                   help="stochastic depth rate of the last block "
+                        "(BEiT v2: 0 for 300 epochs, 0.1 for 1600)")
+    g.add_argument("--color-jitter", type=common.at_least(0, float, 0.4),
+                   help="brightness, contrast and saturation jitter")
+    g.add_argument("--knn-samples", type=common.at_least(1, eg=4096),
+                   help="training images whose features the k-NN evaluation votes with")
     g = p.add_argument_group("MaskDistill ablations (other choices of the unified view's parts, Sec. 2)")
     g.add_argument("--teacher-output", default="ln_post_proj", choices=["ln_post_proj", "ln_post", "pre_ln_post"],
                    help="teacher patch features to regress: after ln_post and the projection (BEiT v2's CLIP "
@@ -194,18 +205,19 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x, causal=False, cls_attention=False):
-        """x: (B, N, D) -> (B, N, D). With cls_attention=True also returns every block's [CLS] attention
-        row, averaged over heads: (layers, B, N)."""
+    def forward(self, x, causal=False, cls_attention=0):
+        """x: (B, N, D) -> (B, N, D). With cls_attention=n > 0 also returns the [CLS] attention rows of the
+        last n blocks, averaged over heads: (n, B, N); the other blocks do not compute theirs."""
         maps = []
-        for block in self.resblocks:
+        for i, block in enumerate(self.resblocks):
+            row = i >= self.layers - cls_attention
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, cls_attention, use_reentrant=False)
+                x = checkpoint(block, x, causal, row, use_reentrant=False)
             else:
-                x = block(x, causal, cls_attention)
-            if cls_attention:
-                x, row = x
-                maps.append(row)
+                x = block(x, causal, row)
+            if row:
+                x, r = x
+                maps.append(r)
         return (x, torch.stack(maps)) if cls_attention else x
 
 
@@ -223,44 +235,45 @@ def init_transformer(tower):
 
 class VisionTransformer(nn.Module):
     """ViT with OpenAI CLIP's parameter names. Returns every token, so that teachers and decoders get the
-    patch features, not only the pooled [CLS]."""
+    patch features, not only the pooled [CLS]. class_token=False: no [CLS] and no ln_pre (big_vision's ViT,
+    for heads that pool the patches)."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act):
+    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act, class_token=True):
         super().__init__()
-        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_size, self.grid, self.n_cls = patch_size, image_size // patch_size, int(class_token)
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.n_cls + self.grid ** 2, width))
+        self.ln_pre = nn.LayerNorm(width) if class_token else nn.Identity()
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def pos_embed(self, gh, gw):
-        """Position embedding for a gh × gw grid, [CLS] row first: (1 + gh·gw, D). Bicubically interpolated
-        when the grid differs from the one the model was built for (other input sizes)."""
+        """Position embedding for a gh × gw grid, [CLS] row first if any: (n_cls + gh·gw, D). Bicubically
+        interpolated when the grid differs from the one the model was built for (other input sizes)."""
         if (gh, gw) == (self.grid, self.grid):
             return self.positional_embedding
-        cls, patches = self.positional_embedding[:1], self.positional_embedding[1:]
+        cls, patches = self.positional_embedding[:self.n_cls], self.positional_embedding[self.n_cls:]
         patches = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)      # (1, D, g, g)
         patches = F.interpolate(patches.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (1+gh·gw, D)
+        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (n_cls+gh·gw, D)
 
-    def forward(self, x, keep=None, cls_attention=False):
+    def forward(self, x, keep=None, cls_attention=0):
         """x: (B, 3, H, W); keep: (B, K) indices of the patches to encode, or None for all. Each kept patch
-        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS]
-        first: (B, 1+K, D) (and the [CLS] attention maps with cls_attention=True, see Transformer)."""
+        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS] first
+        if any: (B, n_cls+K, D) (and the last cls_attention blocks' [CLS] rows, see Transformer)."""
         x = self.conv1(x)                                          # (B, D, gh, gw)
         B, D, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)                           # (B, N, D)
         pos = self.pos_embed(gh, gw).to(x.dtype)
-        x = x + pos[1:]
+        x = x + pos[self.n_cls:]
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, D))     # (B, K, D)
-        cls = (self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D)
-        x = self.ln_pre(torch.cat([cls, x], dim=1))                # (B, 1+K, D)
-        return self.transformer(x, cls_attention=cls_attention)
+        if self.n_cls:
+            x = torch.cat([(self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D), x], dim=1)  # (B, 1+K, D)
+        return self.transformer(self.ln_pre(x), cls_attention=cls_attention)
 
 
 class CLIP(nn.Module):
@@ -269,9 +282,9 @@ class CLIP(nn.Module):
     `logit_scale`, ...), so that OpenAI and open_clip ViT checkpoints load with strict checks."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, context_length, text_width, text_layers,
-                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE):
+                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE, class_token=True):
         super().__init__()
-        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act)
+        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act, class_token)
         self.token_embedding = nn.Embedding(vocab_size, text_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, text_width))
         self.transformer = Transformer(text_width, text_layers, text_heads, act)
@@ -315,10 +328,10 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 class BlockMaskGenerator:
     """BEiT v2's block-wise masking with an exact count (microsoft/unilm beit2/masking_generator.py):
-    rectangles of at least `min_block` patches, aspect ratio log-uniform in [min_aspect, 1/min_aspect], each
-    placed uniformly (10 tries), until `num_masked` patches are covered or no block fits; then a uniform fill
-    of single patches up to exactly `num_masked`. Called on the host with the sample's random.Random
-    (common.py's randomness contract). `random=True` draws the same number of patches uniformly instead."""
+    rectangles of `min_block` to `max_block` patches (None: up to the count), aspect ratio log-uniform in
+    [min_aspect, 1/min_aspect], each placed uniformly (10 tries), until `num_masked` patches are covered or no
+    block fits; then a uniform fill of single patches up to exactly `num_masked`. Called on the host with the
+    sample's random.Random (common.py's randomness contract). `random=True` draws the same number uniformly."""
 
     def __init__(self, grid, num_masked, min_block=16, max_block=None, min_aspect=0.3, attempts=10, random=False):
         self.gh, self.gw = grid
@@ -328,8 +341,11 @@ class BlockMaskGenerator:
                              f"{self.gh}×{self.gw} patch grid")
         if min_block < 1:
             raise ValueError(f"the smallest block, {min_block} patches, must be at least 1")
+        if max_block is not None and not min_block <= max_block <= num_masked:
+            raise ValueError(f"the largest block, {max_block} patches, must be between the smallest ({min_block}) "
+                             f"and the masked count ({num_masked})")
         self.num_masked, self.min_block = num_masked, min_block
-        self.max_block = max_block or num_masked
+        self.max_block = num_masked if max_block is None else max_block   # BEiT v2: max_num_patches=None
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
         self.attempts, self.random = attempts, random
 
@@ -571,9 +587,9 @@ TEACHER_HOWTO = ("to get a teacher, run `torchrun maskclip.py --dist-weight 0 --
 class Teacher(nn.Module):
     """T of Eq. 1: a frozen CLIP image tower (the shared VisionTransformer, OpenAI layout). It sees the
     student's augmented view unmasked, converted from `student_norm` to its own pixel normalisation
-    (mean, std) and resized to `input_size` (student grid × teacher patch) if that differs; the tower then
-    interpolates its position embedding. `output`: the patch features to regress (--teacher-output);
-    `target_norm`: N. No gradient, always in eval mode, outside DDP, and not saved in checkpoints
+    (mean, std), at `input_size` (student grid × teacher patch; in training the transform cuts that view from
+    the crop); the tower then interpolates its position embedding. `output`: the patch features to regress
+    (--teacher-output); `target_norm`: N. No gradient, always in eval mode, outside DDP, and not saved in checkpoints
     (`frozen`): a resumed run reads --teacher again."""
     frozen = True
 
@@ -592,8 +608,9 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def pixels(self, image):
-        """Student pixels (normalised with --norm) -> the teacher's input: back to [0, 1], resized bicubically
-        if the teacher needs another size, then normalised with the teacher's mean and std. (B, 3, S, S)."""
+        """Pixels normalised with --norm -> the teacher's input: back to [0, 1], resized bicubically if not at
+        input_size (evaluation images; training views come at that size), then normalised with the teacher's
+        mean and std. (B, 3, S, S)."""
         x = image.float() * self.s_std + self.s_mean
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
@@ -625,11 +642,7 @@ class Teacher(nn.Module):
 def teacher_spec(sd, info, args, cfg):
     """What the student needs to know about the --teacher weights `sd` (and what its file says, `info`): the
     target size D_t, and the Teacher's input_size (student grid × teacher patch), mean and std. Checks at
-    start-up that the file holds a CLIP ViT image tower and that the grids align."""
-    needed = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj"]
-    if any(k not in sd for k in needed):
-        raise common.UsageError(f"--teacher {args.teacher} lacks {[k for k in needed if k not in sd]}, so it is not "
-                                f"a CLIP ViT image tower; {TEACHER_HOWTO}")
+    start-up that the grids align (common.openai_state_dict has checked that it is a CLIP ViT image tower)."""
     width, _, patch, _ = sd["visual.conv1.weight"].shape
     teacher_grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     grid = cfg["image_size"] // cfg["patch_size"]
@@ -649,7 +662,8 @@ def teacher_spec(sd, info, args, cfg):
 # ----------------------------------------------------------------------------------------------------
 def build_model(cfg, args):
     """(student and head, frozen teacher). The --teacher file is read once; it and the evaluation data are
-    checked first, so that a missing or wrong teacher fails before anything is built."""
+    checked first, so that a missing or wrong teacher fails before anything is built. Records the teacher's
+    input size in args.teacher_size."""
     def teacher_error(e):
         return common.UsageError(f"--teacher: {e}; {TEACHER_HOWTO}")
     if not args.teacher:
@@ -671,6 +685,7 @@ def build_model(cfg, args):
         raise teacher_error(e) from None
     teacher = Teacher(clip.visual, **spec, output=args.teacher_output, target_norm=args.target_norm,
                       student_norm=common.NORMS[args.norm])
+    args.teacher_size = spec["input_size"]  # for train_transform, which cuts the teacher's view (and args.json)
     return model, teacher
 
 
@@ -678,10 +693,12 @@ class MaskedView:
     """The training transform, on the host: colour jitter, `crop` (common.TrainCrop: RandomResizedCrop,
     bicubic, flip, normalisation), and the sample's mask from `masks` (a BlockMaskGenerator). (img, rng) ->
     (image (3, S, S), masked (N_m,) indices of the masked patches in row-major order). The teacher gets the
-    same view, unmasked."""
+    same view, unmasked. `teacher_crop`: for a teacher that needs another size S_t, a TrainCrop of that size
+    replaying the crop's draws, so that the same box of the original image (same flip) is resized once to
+    S_t, as BEiT v2's RandomResizedCropAndInterpolationWithTwoPic does; then (image, masked, teacher image)."""
 
-    def __init__(self, *, crop, masks, color_jitter=0.0):
-        self.crop, self.masks, self.jitter = crop, masks, color_jitter
+    def __init__(self, *, crop, masks, color_jitter=0.0, teacher_crop=None):
+        self.crop, self.masks, self.jitter, self.teacher_crop = crop, masks, color_jitter, teacher_crop
 
     def __call__(self, img, rng):
         if self.jitter > 0:  # torchvision's ColorJitter(b, c, s): the three factors, in a random order
@@ -689,20 +706,25 @@ class MaskedView:
             rng.shuffle(ops)
             for op in ops:
                 img = op(img, rng.uniform(max(0.0, 1 - self.jitter), 1 + self.jitter))
+        replay = random.Random()
+        replay.setstate(rng.getstate())                                             # the crop's draws, twice
         image = self.crop(img, rng)
-        return image, torch.from_numpy(np.flatnonzero(self.masks(rng)))           # (3, S, S), (N_m,)
+        masked = torch.from_numpy(np.flatnonzero(self.masks(rng)))                  # (3, S, S), (N_m,)
+        return (image, masked) if self.teacher_crop is None else (image, masked, self.teacher_crop(img, replay))
 
 
 def train_transform(args, cfg):
     grid = cfg["image_size"] // cfg["patch_size"]
     try:
         masks = BlockMaskGenerator((grid, grid), num_mask_patches(args, cfg), args.min_mask_patches_per_block,
-                                   random=args.mask_type == "random")
+                                   args.max_mask_patches_per_block, random=args.mask_type == "random")
     except ValueError as e:
-        raise common.UsageError(f"--num-mask-patches / --min-mask-patches-per-block: {e}") from None
+        raise common.UsageError(f"--num-mask-patches / --min- / --max-mask-patches-per-block: {e}") from None
     mean, std = common.NORMS[args.norm]
     crop = common.TrainCrop(cfg["image_size"], (args.crop_scale, 1.0), mean, std, flip=True)
-    return MaskedView(crop=crop, masks=masks, color_jitter=args.color_jitter)
+    size = getattr(args, "teacher_size", cfg["image_size"])     # build_model's, from the teacher file
+    teacher_crop = common.TrainCrop(size, crop.scale, mean, std, flip=True) if size != cfg["image_size"] else None
+    return MaskedView(crop=crop, masks=masks, color_jitter=args.color_jitter, teacher_crop=teacher_crop)
 
 
 def no_weight_decay(name, param):
@@ -713,11 +735,11 @@ def no_weight_decay(name, param):
 
 
 def train_step(ddp, model, teacher, batch, step, sched, args, device):
-    """ddp: the DDP-wrapped (and maybe compiled) model; batch: ((images, masked), labels, skipped) on the
-    host, the masks drawn by the transform. The teacher's pass runs first, without gradient."""
-    (image, masked), _, _ = batch
-    image, masked = common.to_device((image, masked), device)
-    target = gather_tokens(teacher.targets(image), masked)                        # N(T(x)) at M: (B, N_m, D_t)
+    """ddp: the DDP-wrapped (and maybe compiled) model; batch: ((images, masked[, teacher images]), labels,
+    skipped) on the host, the masks (and a teacher of another size's view) made by the transform. The
+    teacher's pass runs first, without gradient."""
+    image, masked, *teacher_view = common.to_device(batch[0], device)
+    target = gather_tokens(teacher.targets(teacher_view[0] if teacher_view else image), masked)  # (B, N_m, D_t)
     return ddp(image, masked, target)
 
 
@@ -774,12 +796,14 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
     """CLIP's InfoNCE over all ranks. image_emb, text_emb: (B, E) L2-normalised, this rank's pairs;
     logit_scale: the log of the temperature's inverse s. Each rank builds B × (world·B) logits (local
     loss, gather with gradient); labels are rank·B + arange(B). Returns the two directions (L_I, L_T),
-    each a mean over this rank's B rows."""
-    all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)   # (world·B, E)
-    s = logit_scale.exp()
-    labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
-    loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
-    loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
+    each a mean over this rank's B rows. Computed in fp32, also under autocast."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        image_emb, text_emb = image_emb.float(), text_emb.float()
+        all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)  # (world·B, E)
+        s = logit_scale.float().exp()
+        labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
+        loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
+        loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
     return loss_i, loss_t
 
 
@@ -834,8 +858,8 @@ def train_one_step(ddp, model, teacher, batch, optimizer, scaler, step, sched, a
 
 
 def model_config(args):
-    return dict(common.MODELS[args.model], act=args.act, context_length=getattr(args, "context_length", None)
-                or common.MODELS[args.model]["context_length"])
+    size = common.model_size(METHOD, args.model)
+    return dict(size, act=args.act, context_length=getattr(args, "context_length", None) or size["context_length"])
 
 
 def parse_args(argv=None):
@@ -853,8 +877,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        common.close_run()
 
 
 def train(args):
@@ -876,7 +899,6 @@ def train(args):
     step = common.restore(ckpt, ckpt_path, method=METHOD, model=model, teacher=teacher, optimizer=optimizer,
                           scaler=scaler, rank=rank, world=world, seed=args.seed)   # then per-rank random states
     del ckpt
-    os.makedirs(args.out_dir, exist_ok=True)
     if common.is_main():
         common.write_provenance(args.out_dir, args, world, __file__)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -885,8 +907,8 @@ def train(args):
     common.print0(f"{METHOD}: {args.model}, {n_params / 1e6:.1f}M trained parameters, {world} process(es) on "
                   f"{device}, global batch {args.batch_size}, {spe} steps/epoch, {sched.total} steps, lr {args.lr:g} "
                   f"({args.precision}); data: {args.train_data or 'built-in shapes'}; out: {args.out_dir}")
-    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, batch_size=args.batch_size,
-                           steps_per_epoch=spe, total=sched.total, step=step, ckpt_path=ckpt_path)
+    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, data=data, total=sched.total,
+                           step=step, ckpt_path=ckpt_path, scaler=scaler)
     eval_every = round(args.eval_every * spe) if args.eval_every else 0
     epoch, skip = divmod(step, spe)
     batches = data.batches(epoch, skip)
@@ -907,7 +929,7 @@ def train(args):
             model.train()
         if (step % args.save_every == 0 and step < sched.total) or log.stopping:
             common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model,
-                                   teacher=teacher, optimizer=optimizer, scaler=scaler)
+                                   teacher=teacher, optimizer=optimizer, scaler=scaler, log=log)
         if log.stopping:
             common.print0(f"SIGTERM: checkpoint saved at step {step} in {ckpt_path}; continue with --resume")
             break
@@ -915,7 +937,7 @@ def train(args):
     if log.stopping:
         return
     common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model, teacher=teacher,
-                           optimizer=optimizer, scaler=scaler)
+                           optimizer=optimizer, scaler=scaler, log=log)
     exports = export_state_dicts(model.state_dict(), teacher.state_dict() if common.trained(teacher) else None)
     if common.is_main():
         for name, sd in exports.items():

@@ -28,7 +28,8 @@ Project choices (the paper is silent, or the official code is not followed):
   - the teacher reads the student's crop re-normalised with --teacher-norm (ImageNet, as the official
     code does, whatever the teacher was trained with); its patch grid must equal the student's;
   - sampling without replacement is Gumbel-top-k (the distribution of the official
-    torch.multinomial(w, N, replacement=False), without its host sync); w gets + 1e-12;
+    torch.multinomial(w, N, replacement=False), without its host sync); w gets + 1e-12; the data transform
+    draws each sample's Gumbel keys (common.py's randomness contract), so masks do not depend on the ranks;
   - the cosine uses F.normalize(eps=1e-6); the evaluation is k-NN top-1 (cosine, k = 20, T = 0.07) of the
     encoder's [CLS] after the final norm, and of the teacher's [CLS] embedding for comparison;
   - --target pixels (the MAE ablation) regresses per-patch normalised pixels (MAE's norm_pix_loss);
@@ -42,7 +43,7 @@ Run:
     torchrun milan.py --teacher runs/clip/export_online.pt                          # built-in demo, CPU
     torchrun --nproc_per_node=8 milan.py --train-data imagenet/train --imagenet-val imagenet/val \
         --teacher ViT-B-16.pt                  # OpenAI's CLIP ViT-B/16, the official teacher; global batch 4096
-    ablations: --mask random, --decoder mae, --target pixels (with --mask random: plain MAE, no teacher)
+    ablations: --mask random, --decoder mae, --target pixels (all three: plain MAE, no teacher)
 
 Left out: the fine-tuning, linear-probe, detection and segmentation recipes, gradient accumulation
 (the official 4096 batch is 256 × 8 GPUs × 2 accumulation steps; here --batch-size is the global batch
@@ -71,13 +72,14 @@ DATA_KIND = "image"  # what the training data must provide: image-text pairs, or
 # <method> Recipe and flags
 # ----------------------------------------------------------------------------------------------------
 # The official recipe (PRETRAIN.sh): the defaults whenever --train-data is given (ViT-B/16, ImageNet-1k).
-# lr 2.4e-3 = base lr 1.5e-4 · 4096 / 256; 40 warm-up epochs from 0, cosine to 0; no gradient clipping.
-RECIPE = dict(model="ViT-B/16", batch_size=4096, epochs=400, lr=2.4e-3, lr_start=0.0, lr_end=0.0,
+# lr = blr · batch / 256 unless --lr is given (main_pretrain.py); RECIPE's and DEMO's lr (what --help shows) are
+# what their blr gives at their batch: 2.4e-3 = 1.5e-4 · 4096 / 256. 40 warm-up epochs from 0, cosine to 0, no clip.
+RECIPE = dict(model="ViT-B/16", batch_size=4096, epochs=400, blr=1.5e-4, lr=2.4e-3, lr_start=0.0, lr_end=0.0,
               warmup_epochs=40.0, act="gelu", wd=0.05, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=0.0,
               norm="imagenet", crop_scale=0.2, eval_every=0.0, workers=10, dec_width=512, dec_depth=8,
               dec_heads=16, knn_samples=100_000)
 # The built-in demo: tiny student (32 px, 4×4 patches) on the shapes, behind the demo CLIP teacher.
-DEMO = dict(model="tiny", batch_size=128, epochs=3, lr=1.5e-3, warmup_epochs=0.25, lr_end=1e-5,
+DEMO = dict(model="tiny", batch_size=128, epochs=3, blr=3e-3, lr=1.5e-3, warmup_epochs=0.25, lr_end=1e-5,
             crop_scale=0.5, builtin_samples=16384, workers=1, dec_width=128, dec_depth=2, dec_heads=4,
             knn_samples=4096)
 
@@ -99,12 +101,17 @@ def add_method_args(p):
                    help="the teacher's pixel normalisation, converted from --norm on the device (official code: "
                         "imagenet, whatever the teacher was trained with; 'file': the one its file records, else "
                         "CLIP's)")
-    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches masked")
-    g.add_argument("--dec-depth", type=int, help="decoder blocks (paper recipe 8)")
-    g.add_argument("--dec-width", type=int, help="decoder width (paper recipe 512)")
-    g.add_argument("--dec-heads", type=int, help="decoder heads (paper recipe 16)")
-    g.add_argument("--knn-samples", type=int, help="training images whose features the k-NN evaluation votes with")
-    g.add_argument("--save-masks", type=int, default=0,
+    g.add_argument("--blr", type=common.positive(1.5e-4),
+                   help="base learning rate: unless --lr is given, lr = blr · --batch-size / 256 "
+                        "(main_pretrain.py), so --lr's default holds at the default --batch-size")
+    g.add_argument("--mask-ratio", type=common.fraction(lo_open=True, hi_open=True, eg=0.75), default=0.75,
+                   help="fraction of patches masked")
+    g.add_argument("--dec-depth", type=common.at_least(1, eg=8), help="decoder blocks (paper recipe 8)")
+    g.add_argument("--dec-width", type=common.at_least(4, eg=512), help="decoder width (paper recipe 512)")
+    g.add_argument("--dec-heads", type=common.at_least(1, eg=16), help="decoder heads (paper recipe 16)")
+    g.add_argument("--knn-samples", type=common.at_least(1, eg=4096),
+                   help="training images whose features the k-NN evaluation votes with")
+    g.add_argument("--save-masks", type=common.at_least(0, eg=100), default=0,
                    help="every this many steps write a PNG of the masks (crop, teacher attention, visible "
                         "patches) to OUT_DIR/masks (0 = never)")
     g = p.add_argument_group("MILAN ablations (the paper's and MAE's alternatives, the official code's choices)")
@@ -115,7 +122,8 @@ def add_method_args(p):
                    help="prompting: CLS and visible tokens are fixed prompts, only mask tokens are updated "
                         "(paper); mae: MAE's self-attention decoder over all tokens")
     g.add_argument("--target", default="clip", choices=["clip", "pixels"],
-                   help="clip: the teacher's output tokens (paper); pixels: per-patch normalised pixels (MAE)")
+                   help="clip: the teacher's output tokens (paper); pixels: per-patch normalised pixels (MAE's "
+                        "target; plain MAE with --mask random --decoder mae)")
     g.add_argument("--loss-on", choices=["all", "masked"],
                    help="tokens the loss averages over (default: all 1+N tokens for --target clip, as the "
                         "official code; masked patches for --target pixels, as MAE)")
@@ -194,18 +202,19 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x, causal=False, cls_attention=False):
-        """x: (B, N, D) -> (B, N, D). With cls_attention=True also returns every block's [CLS] attention
-        row, averaged over heads: (layers, B, N)."""
+    def forward(self, x, causal=False, cls_attention=0):
+        """x: (B, N, D) -> (B, N, D). With cls_attention=n > 0 also returns the [CLS] attention rows of the
+        last n blocks, averaged over heads: (n, B, N); the other blocks do not compute theirs."""
         maps = []
-        for block in self.resblocks:
+        for i, block in enumerate(self.resblocks):
+            row = i >= self.layers - cls_attention
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, cls_attention, use_reentrant=False)
+                x = checkpoint(block, x, causal, row, use_reentrant=False)
             else:
-                x = block(x, causal, cls_attention)
-            if cls_attention:
-                x, row = x
-                maps.append(row)
+                x = block(x, causal, row)
+            if row:
+                x, r = x
+                maps.append(r)
         return (x, torch.stack(maps)) if cls_attention else x
 
 
@@ -223,44 +232,45 @@ def init_transformer(tower):
 
 class VisionTransformer(nn.Module):
     """ViT with OpenAI CLIP's parameter names. Returns every token, so that teachers and decoders get the
-    patch features, not only the pooled [CLS]."""
+    patch features, not only the pooled [CLS]. class_token=False: no [CLS] and no ln_pre (big_vision's ViT,
+    for heads that pool the patches)."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act):
+    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act, class_token=True):
         super().__init__()
-        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_size, self.grid, self.n_cls = patch_size, image_size // patch_size, int(class_token)
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.n_cls + self.grid ** 2, width))
+        self.ln_pre = nn.LayerNorm(width) if class_token else nn.Identity()
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def pos_embed(self, gh, gw):
-        """Position embedding for a gh × gw grid, [CLS] row first: (1 + gh·gw, D). Bicubically interpolated
-        when the grid differs from the one the model was built for (other input sizes)."""
+        """Position embedding for a gh × gw grid, [CLS] row first if any: (n_cls + gh·gw, D). Bicubically
+        interpolated when the grid differs from the one the model was built for (other input sizes)."""
         if (gh, gw) == (self.grid, self.grid):
             return self.positional_embedding
-        cls, patches = self.positional_embedding[:1], self.positional_embedding[1:]
+        cls, patches = self.positional_embedding[:self.n_cls], self.positional_embedding[self.n_cls:]
         patches = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)      # (1, D, g, g)
         patches = F.interpolate(patches.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (1+gh·gw, D)
+        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (n_cls+gh·gw, D)
 
-    def forward(self, x, keep=None, cls_attention=False):
+    def forward(self, x, keep=None, cls_attention=0):
         """x: (B, 3, H, W); keep: (B, K) indices of the patches to encode, or None for all. Each kept patch
-        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS]
-        first: (B, 1+K, D) (and the [CLS] attention maps with cls_attention=True, see Transformer)."""
+        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS] first
+        if any: (B, n_cls+K, D) (and the last cls_attention blocks' [CLS] rows, see Transformer)."""
         x = self.conv1(x)                                          # (B, D, gh, gw)
         B, D, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)                           # (B, N, D)
         pos = self.pos_embed(gh, gw).to(x.dtype)
-        x = x + pos[1:]
+        x = x + pos[self.n_cls:]
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, D))     # (B, K, D)
-        cls = (self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D)
-        x = self.ln_pre(torch.cat([cls, x], dim=1))                # (B, 1+K, D)
-        return self.transformer(x, cls_attention=cls_attention)
+        if self.n_cls:
+            x = torch.cat([(self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D), x], dim=1)  # (B, 1+K, D)
+        return self.transformer(self.ln_pre(x), cls_attention=cls_attention)
 
 
 class CLIP(nn.Module):
@@ -269,9 +279,9 @@ class CLIP(nn.Module):
     `logit_scale`, ...), so that OpenAI and open_clip ViT checkpoints load with strict checks."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, context_length, text_width, text_layers,
-                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE):
+                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE, class_token=True):
         super().__init__()
-        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act)
+        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act, class_token)
         self.token_embedding = nn.Embedding(vocab_size, text_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, text_width))
         self.transformer = Transformer(text_width, text_layers, text_heads, act)
@@ -318,32 +328,41 @@ def num_visible(num_patches, mask_ratio):
     return int(num_patches * (1 - mask_ratio))
 
 
-def semantic_masking(weights, mask_ratio, generator=None):
+def gumbel_keys(rng, num_patches):
+    """One sample's masking noise, drawn on the host by the data transform from the sample's random.Random
+    (common.py's randomness contract), so that a sample gets the same mask on any number of ranks:
+    g_i = -log(-log u_i), u_i ~ U[0, 1) in float64, i.i.d. Gumbel(0, 1). (N,) fp32."""
+    u = torch.tensor([rng.random() for _ in range(num_patches)], dtype=torch.float64)
+    return (-(-u.log()).log()).float()
+
+
+def semantic_masking(weights, mask_ratio, gumbel):
     """Semantic-aware masking (S). weights: (B, N) non-negative, the teacher's [CLS] attention to each
-    patch. Draws all N patches without replacement with P(next = i) ∝ w_i among those left (Plackett-Luce,
-    what torch.multinomial(w, N, replacement=False) does in models_milan.py's attention_masking); the
-    first K drawn are visible, so high-attention patches are kept more often. Drawn as Gumbel-top-k:
-    sorting log w_i + g_i, g_i ~ Gumbel(0, 1), in decreasing order gives that same distribution without a
-    host sync. Returns (keep, masked): keep (B, K) and masked (B, N - K) patch indices."""
+    patch; gumbel: (B, N) i.i.d. Gumbel(0, 1) keys (gumbel_keys). Draws all N patches without replacement
+    with P(next = i) ∝ w_i among those left (Plackett-Luce, what torch.multinomial(w, N, replacement=False)
+    does in models_milan.py's attention_masking); the first K drawn are visible, so high-attention patches
+    are kept more often. Drawn as Gumbel-top-k: sorting log w_i + g_i in decreasing order gives that same
+    distribution without a host sync. Returns (keep, masked): keep (B, K) and masked (B, N - K) indices."""
     w = weights.float() + 1e-12                                      # no zero weight
-    gumbel = -torch.empty_like(w).exponential_(generator=generator).log()        # (B, N), -log Exp(1)
-    order = (w.log() + gumbel).argsort(dim=1, descending=True)      # (S): (B, N) a Plackett-Luce permutation
+    order = (w.log() + gumbel.float()).argsort(dim=1, descending=True)   # (S): (B, N) a Plackett-Luce permutation
     k = num_visible(w.shape[1], mask_ratio)
     return order[:, :k], order[:, k:]
 
 
-def random_masking(batch, num_patches, mask_ratio, device, generator=None):
-    """MAE's random masking, the ablation: argsort of uniform noise. Returns (keep (B, K), masked (B, N - K))."""
-    order = torch.rand(batch, num_patches, device=device, generator=generator).argsort(dim=1)   # (B, N)
-    k = num_visible(num_patches, mask_ratio)
+def random_masking(gumbel, mask_ratio):
+    """MAE's random masking, the ablation: the argsort of i.i.d. noise (here the same per-sample keys as
+    semantic masking, a uniformly random order). gumbel: (B, N). Returns (keep (B, K), masked (B, N - K))."""
+    order = gumbel.argsort(dim=1, descending=True)                   # (B, N)
+    k = num_visible(gumbel.shape[1], mask_ratio)
     return order[:, :k], order[:, k:]
 
 
-def make_masks(attn, batch, num_patches, args, device):
-    """(keep (B, K), masked (B, M)) for the step: semantic-aware from the teacher's attention, or random."""
+def make_masks(attn, gumbel, args):
+    """(keep (B, K), masked (B, M)) for the step from the batch's keys gumbel (B, N): semantic-aware from the
+    teacher's attention, or random."""
     if args.mask == "semantic":
-        return semantic_masking(attn, args.mask_ratio)
-    return random_masking(batch, num_patches, args.mask_ratio, device)
+        return semantic_masking(attn, args.mask_ratio, gumbel)
+    return random_masking(gumbel, args.mask_ratio)
 
 
 @torch.no_grad()
@@ -409,22 +428,10 @@ def pixel_loss(pred, image, patch, masked=None):
 # ----------------------------------------------------------------------------------------------------
 # <method> Model
 # ----------------------------------------------------------------------------------------------------
-def sincos_2d(grid, dim):
-    """MAE's fixed 2-D sin-cos position embedding, with an all-zero [CLS] row first: (1 + grid², dim).
-    The first half of the channels encodes the column, the second half the row."""
-    if dim % 4:
-        raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, not {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (dim/4,)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    out_x, out_y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega                 # (grid², dim/4)
-    emb = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)         # (grid², dim)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
-
-
 def mae_init(module):
-    """MAE's initialisation: Xavier-uniform for every Linear (q, k, v packed as one matrix, as timm's
-    fused qkv) and for the patch embedding seen as a Linear, zero biases, LayerNorm (1, 0)."""
+    """MAE's initialisation (models_mae.py's initialize_weights): Xavier-uniform for every Linear (q, k, v
+    packed as one matrix, as timm's fused qkv) and for the patch embedding seen as a Linear, zero Linear
+    biases, LayerNorm (1, 0). The patch embedding's bias keeps PyTorch's default init, which MAE leaves."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -434,7 +441,6 @@ def mae_init(module):
             nn.init.zeros_(m.in_proj_bias)
         elif isinstance(m, nn.Conv2d):
             nn.init.xavier_uniform_(m.weight.data.view(m.weight.shape[0], -1))
-            nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             m.eps = 1e-6  # timm's norm_layer = partial(nn.LayerNorm, eps=1e-6)
             nn.init.ones_(m.weight)
@@ -455,7 +461,7 @@ class MAEEncoder(nn.Module):
         self.patch_size, self.grid = patch_size, image_size // patch_size
         self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("pos_embed", sincos_2d(self.grid, width), persistent=False)   # (1+N, D), fixed
+        self.register_buffer("pos_embed", common.sincos_2d(self.grid, width), persistent=False)   # (1+N, D), fixed
         self.blocks = Transformer(width, layers, heads, act)
         self.norm = nn.LayerNorm(width)
         mae_init(self)
@@ -517,7 +523,7 @@ class MILAN(nn.Module):
             raise ValueError(f"the decoder width {dec_width} is not divisible by its {dec_heads} heads")
         self.decoder_embed = nn.Linear(width, dec_width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_width))
-        self.register_buffer("decoder_pos", sincos_2d(self.grid, dec_width), persistent=False)   # (1+N, Dd)
+        self.register_buffer("decoder_pos", common.sincos_2d(self.grid, dec_width), persistent=False)   # (1+N, Dd)
         block = PromptingBlock if decoder == "prompting" else ResidualAttentionBlock
         self.decoder_blocks = nn.ModuleList([block(dec_width, dec_heads, act) for _ in range(dec_depth)])
         self.decoder_norm = nn.LayerNorm(dec_width)
@@ -604,7 +610,7 @@ class CLIPTeacher(nn.Module):
         every token, [CLS] first: (B, 1+N, C_t), and w = A[:, 0, 1:], the last block's [CLS] attention to
         each patch, averaged over heads: (B, N) (sums to less than 1: the [CLS] key is dropped)."""
         x = image * self.scale.to(image.dtype) + self.shift.to(image.dtype)
-        tokens, attn = self.visual(x, cls_attention=True)           # (B, 1+N, W), (layers, B, 1+N)
+        tokens, attn = self.visual(x, cls_attention=1)              # (B, 1+N, W), (1, B, 1+N): last block only
         targets = self.visual.ln_post(tokens) @ self.visual.proj    # (T): (B, 1+N, C_t)
         return targets, attn[-1, :, 1:]                             # (W): (B, N), the last block's row
 
@@ -616,15 +622,16 @@ class CLIPTeacher(nn.Module):
 
 
 def load_teacher(args, cfg):
-    """The CLIPTeacher of --teacher (None for plain MAE: --target pixels --mask random), read once and
-    loaded with strict checks by common.load_clip; every failure is one line that says how to get one."""
+    """The CLIPTeacher of --teacher (None when nothing needs one: --target pixels --mask random), read once
+    and loaded with strict checks by common.load_clip; every failure is one line that says how to get one.
+    A file without a ViT image tower (a ResNet CLIP such as RN50) fails before the loader reads its shapes."""
     if args.target != "clip" and args.mask != "semantic":
         return None
     if not args.teacher:
         raise common.UsageError(f"MILAN needs a frozen CLIP image tower as teacher (--teacher PATH); {TEACHER_HOWTO}")
     try:
         clip, info = common.load_clip(args.teacher, CLIP, VisionTransformer, act=args.teacher_act)
-    except common.UsageError as e:
+    except common.UsageError as e:  # e.g. a ResNet CLIP: not a ViT image tower (common.openai_state_dict)
         raise common.UsageError(f"--teacher: {e}; {TEACHER_HOWTO}") from None
     v, grid = clip.visual, cfg["image_size"] // cfg["patch_size"]
     if (v.patch_size, v.grid) != (cfg["patch_size"], grid):
@@ -661,10 +668,23 @@ def build_model(cfg, args):
     return model, teacher
 
 
+class CropAndKeys:
+    """The training transform: `crop` (common.TrainCrop), then the sample's masking keys (gumbel_keys) from
+    the same generator. (img, rng) -> (image (3, S, S), gumbel (N,))."""
+
+    def __init__(self, crop, num_patches):
+        self.crop, self.num_patches = crop, num_patches
+
+    def __call__(self, img, rng):
+        return self.crop(img, rng), gumbel_keys(rng, self.num_patches)
+
+
 def train_transform(args, cfg):
-    """RandomResizedCrop(scale (crop_scale, 1), bicubic) + horizontal flip + normalisation (MAE's)."""
+    """RandomResizedCrop(scale (crop_scale, 1), bicubic) + horizontal flip + normalisation (MAE's), and the
+    masking keys."""
     mean, std = common.NORMS[args.norm]
-    return common.TrainCrop(cfg["image_size"], (args.crop_scale, 1.0), mean, std, flip=True)
+    crop = common.TrainCrop(cfg["image_size"], (args.crop_scale, 1.0), mean, std, flip=True)
+    return CropAndKeys(crop, (cfg["image_size"] // cfg["patch_size"]) ** 2)
 
 
 def no_weight_decay(name, param):
@@ -674,14 +694,14 @@ def no_weight_decay(name, param):
 
 
 def train_step(ddp, model, teacher, batch, step, sched, args, device):
-    """ddp: the DDP-wrapped (and maybe compiled) model; model: the raw module; batch: (images, labels,
-    skipped) on the host; the labels are not used. The frozen teacher runs first, under no_grad; then one
-    call of ddp. Returns (loss, metrics)."""
-    image = common.to_device(batch[0], device)                     # (B, 3, H, W)
+    """ddp: the DDP-wrapped (and maybe compiled) model; model: the raw module; batch: ((images, gumbel keys),
+    labels, skipped) on the host; the labels are not used. The frozen teacher runs first, under no_grad;
+    then one call of ddp. Returns (loss, metrics)."""
+    image, gumbel = common.to_device(batch[0], device)             # (B, 3, H, W), (B, N)
     targets = attn = None
     if teacher is not None:
         targets, attn = teacher(image)                             # (B, 1+N, C_t), (B, N)
-    keep, masked = make_masks(attn, image.shape[0], model.grid ** 2, args, device)
+    keep, masked = make_masks(attn, gumbel, args)
     if args.save_masks and step % args.save_masks == 0 and common.is_main():
         save_mask_grid(os.path.join(args.out_dir, "masks", f"step{step:07d}.png"), image, attn, keep,
                        model.grid, args.norm)
@@ -741,12 +761,14 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
     """CLIP's InfoNCE over all ranks. image_emb, text_emb: (B, E) L2-normalised, this rank's pairs;
     logit_scale: the log of the temperature's inverse s. Each rank builds B × (world·B) logits (local
     loss, gather with gradient); labels are rank·B + arange(B). Returns the two directions (L_I, L_T),
-    each a mean over this rank's B rows."""
-    all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)   # (world·B, E)
-    s = logit_scale.exp()
-    labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
-    loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
-    loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
+    each a mean over this rank's B rows. Computed in fp32, also under autocast."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        image_emb, text_emb = image_emb.float(), text_emb.float()
+        all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)  # (world·B, E)
+        s = logit_scale.float().exp()
+        labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
+        loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
+        loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
     return loss_i, loss_t
 
 
@@ -801,8 +823,8 @@ def train_one_step(ddp, model, teacher, batch, optimizer, scaler, step, sched, a
 
 
 def model_config(args):
-    return dict(common.MODELS[args.model], act=args.act, context_length=getattr(args, "context_length", None)
-                or common.MODELS[args.model]["context_length"])
+    size = common.model_size(METHOD, args.model)
+    return dict(size, act=args.act, context_length=getattr(args, "context_length", None) or size["context_length"])
 
 
 def parse_args(argv=None):
@@ -820,8 +842,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        common.close_run()
 
 
 def train(args):
@@ -843,7 +864,6 @@ def train(args):
     step = common.restore(ckpt, ckpt_path, method=METHOD, model=model, teacher=teacher, optimizer=optimizer,
                           scaler=scaler, rank=rank, world=world, seed=args.seed)   # then per-rank random states
     del ckpt
-    os.makedirs(args.out_dir, exist_ok=True)
     if common.is_main():
         common.write_provenance(args.out_dir, args, world, __file__)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -852,8 +872,8 @@ def train(args):
     common.print0(f"{METHOD}: {args.model}, {n_params / 1e6:.1f}M trained parameters, {world} process(es) on "
                   f"{device}, global batch {args.batch_size}, {spe} steps/epoch, {sched.total} steps, lr {args.lr:g} "
                   f"({args.precision}); data: {args.train_data or 'built-in shapes'}; out: {args.out_dir}")
-    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, batch_size=args.batch_size,
-                           steps_per_epoch=spe, total=sched.total, step=step, ckpt_path=ckpt_path)
+    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, data=data, total=sched.total,
+                           step=step, ckpt_path=ckpt_path, scaler=scaler)
     eval_every = round(args.eval_every * spe) if args.eval_every else 0
     epoch, skip = divmod(step, spe)
     batches = data.batches(epoch, skip)
@@ -874,7 +894,7 @@ def train(args):
             model.train()
         if (step % args.save_every == 0 and step < sched.total) or log.stopping:
             common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model,
-                                   teacher=teacher, optimizer=optimizer, scaler=scaler)
+                                   teacher=teacher, optimizer=optimizer, scaler=scaler, log=log)
         if log.stopping:
             common.print0(f"SIGTERM: checkpoint saved at step {step} in {ckpt_path}; continue with --resume")
             break
@@ -882,7 +902,7 @@ def train(args):
     if log.stopping:
         return
     common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model, teacher=teacher,
-                           optimizer=optimizer, scaler=scaler)
+                           optimizer=optimizer, scaler=scaler, log=log)
     exports = export_state_dicts(model.state_dict(), teacher.state_dict() if common.trained(teacher) else None)
     if common.is_main():
         for name, sd in exports.items():

@@ -1,17 +1,17 @@
 """SILC: Improving Vision Language Pretraining with Self-Distillation.
 M. F. Naeem, Y. Xian, X. Zhai, L. Hoyer, L. Van Gool, F. Tombari. ECCV 2024, arXiv 2310.13355.
-The official repository (google-research/silc) holds a README and a figure, no code, so this file is a
-reference built from the paper's description, DINO (the self-distillation) and big_vision (SigLIP).
+The official repository (google-research/silc) has a README and a figure, no code: this file follows the
+paper's description, DINO (the self-distillation) and big_vision (SigLIP).
 
 Idea. Image-text contrastive training aligns whole images with captions but says little about their parts.
 SILC adds DINO's local-to-global self-distillation: an EMA teacher sees two global crops, the student sees N
 small local crops, and the student's distribution over K prototypes on every local crop is pulled towards the
 teacher's on every global crop. The teacher averages a student that the text loss also trains, so its targets
-stay aligned with language, and the patch features get better for dense tasks (zero-shot segmentation is the
-paper's headline; `encode_dense` gives the features that evaluate() and eval_zeroshot.py score).
+stay aligned with language, and the patch features get better for dense tasks (zero-shot segmentation, the
+paper's headline, reads `encode_dense`).
 
 Objective (x: L2-normalised pooled image embedding, y: text embedding, B pairs, t = exp(t')):
-    L = L_con + λ·L_sd                                                        λ = 1 (--lambda-sd)
+    L = L_con + λ·L_sd                                         λ = 1 (--lambda-sd, project choice)
     L_con = ½ (L(x^{g1}, y) + L(x^{g2}, y))     each global view against the same B captions, B×B each
     SILC-C, --loss softmax: L = -1/(2B) Σ_i [log softmax_j(t·x_i·y_j)_i + log softmax_j(t·x_j·y_i)_i]
     SILC-S, --loss sigmoid: L = -1/B Σ_i Σ_j log σ(z_ij·(t·x_i·y_j + b)), z_ij = 1 if i = j else -1
@@ -20,34 +20,35 @@ Objective (x: L2-normalised pooled image embedding, y: text embedding, B pairs, 
     c ← m_c·c + (1 - m_c)·mean(h̄(f̄(x^g)))  over the teacher rows of all ranks
     θ̄ ← m·θ̄ + (1 - m)·θ  for the image tower and the DINO head, m constant
 Differs from CLIP/SigLIP in the `# <method>` sections only; `--lambda-sd 0` is the CLIP (or SigLIP) baseline
-on two global views. The EMA momentum is fixed: DINO anneals it to 1, which freezes the teacher late in
-training, while SILC's student keeps changing under the text loss (`--ema-schedule cosine` is DINO's).
+on two global views. The EMA momentum is fixed: DINO's anneals to 1 (`--ema-schedule cosine`), which freezes
+the teacher while the text loss still changes the student.
 Read one step: train_step → Teacher.targets → SILC.forward → contrastive / sigmoid_loss → dino_loss.
 
-Paper values: 2 global crops at scale (0.4, 1), 8 local crops at (0.05, 0.4), the contrastive loss on each
-global view with the batch unchanged, fixed EMA momentum, SigLIP's t' = log 10 and b = -10. Project choices
-where the paper is silent:
-  - pooling (--pool auto): [CLS] + linear projection for softmax, so the model is an OpenAI-layout CLIP (E =
-    the size's embed_dim); big_vision's MAP head without projection for sigmoid (E = width); the DINO head
-    gets the pooled embedding before L2 normalisation;
+Paper: CLIP's or SigLIP's loss, 2 global crops at scale (0.4, 1), 8 local crops at (0.05, 0.4), the contrastive
+loss on each global view with the batch unchanged, a fixed EMA momentum. SigLIP: t' = log 10, b = -10. Project
+choices where the paper is silent, with the source they follow:
+  - pooling (--pool auto): softmax: [CLS] + linear projection, an OpenAI-layout CLIP (E = embed_dim); sigmoid:
+    big_vision's MAP head, no projection (E = width), no [CLS] or ln_pre (also --pool gap); the DINO head gets
+    the pooled embedding before L2 normalisation;
   - text tower: the shared one, causal with end-token pooling (big_vision's has no causal mask);
-  - views: globals at the model's resolution, locals at 96/224 of it in whole patches, at least a 2×2 grid
-    (96 px at 224/16, 16 px for the 32 px tiny model), bicubic, horizontal flip, no photometric augmentation
-    (--local-photometric adds DINO's to the locals); position embedding bicubically interpolated;
+  - views: globals at the model's resolution, locals at 96/224 of it (DINO's 96 px at 224) in whole patches, at
+    least 2×2, bicubic; horizontal flip, except the built-in data's global crops, whose captions say left and
+    right; no photometric augmentation (--local-photometric: DINO's on the locals); positions interpolated;
   - DINO's head and values: hidden 2048, bottleneck 256, K = 65536, weight-normalised prototypes with gain 1,
-    τ_s = 0.1, τ_t 0.04 → 0.07 linearly over the LR warm-up, m_c = 0.9; distillation local → global only;
-    EMA momentum 0.996 (DINO's base value); the teacher holds the image tower, its pooling and the DINO head;
-  - softmax: t starts at 1/0.07, clamped at 100 (CLIP); both losses are exact across ranks (the text
-    embeddings are gathered with gradient; big_vision rotates text chunks around the ranks instead);
+    τ_s = 0.1, τ_t 0.04 → 0.07 linearly over the LR warm-up, m_c = 0.9, EMA momentum 0.996 (the base value);
+    --freeze-last-layer-steps as DINO's (the prototypes' gradient is None); the teacher: image tower, pooling
+    and DINO head. Distillation local → global only (the paper's figure);
+  - softmax: t starts at 1/0.07, clamped at 100 (CLIP); both losses are exact across ranks (text embeddings
+    gathered with gradient; big_vision rotates text chunks instead) and run in fp32;
   - recipe (--train-data): SigLIP 2's B/16 values: batch 32768, Adam β (0.9, 0.999), lr 1e-3, decoupled wd
     1e-4 (PyTorch AdamW weight_decay 0.1 at lr 1e-3), grad clip 1, cosine to 0, 20k warm-up steps
     (--warmup-epochs 0.5 for 1.3B pairs; pass 20000·32768/N for N), 9B examples seen (275k steps), 64 text
     tokens, GELU, CLIP pixel constants;
-  - zero-shot segmentation: patch tokens after ln_post through the pooled path's projection (none for MAP;
-    --seg-readout map_value runs them through the MAP head's value path, MaskCLIP-style).
+  - zero-shot segmentation: patch tokens after ln_post through the pooled path's projection (MAP: none, or
+    --seg-readout map_value, MaskCLIP-style).
 
 Run:
-    torchrun silc.py                                        # built-in demo, CPU, a few minutes
+    torchrun silc.py      # built-in demo, CPU, a few minutes
     torchrun --nproc_per_node=8 silc.py --train-data 'datacomp/{00000..14000}.tar' --train-num-samples 1300000000
     torchrun --nproc_per_node=8 silc.py --train-data ... --loss sigmoid     # SILC-S (MAP head)
     torchrun --nproc_per_node=8 silc.py --train-data ... --lambda-sd 0      # CLIP baseline on the same views
@@ -79,14 +80,12 @@ DATA_KIND = "image-text"  # what the training data must provide: image-text pair
 # ----------------------------------------------------------------------------------------------------
 # <method> Recipe and flags
 # ----------------------------------------------------------------------------------------------------
-# SILC's own recipe is unknown: with --train-data the defaults are SigLIP 2's ViT-B/16 values and DINO's
-# self-distillation values (see the docstring). steps = 9B examples / 32768; epochs only counts with --steps 0.
+# SILC's recipe is unknown: SigLIP 2's ViT-B/16 and DINO's values (docstring); steps = 9B examples / 32768.
 RECIPE = dict(model="ViT-B/16", batch_size=32768, steps=275_000, epochs=7, lr=1e-3, lr_start=0.0, lr_end=0.0,
               warmup_epochs=0.5, act="gelu", wd=0.1, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=1.0, norm="clip",
               crop_scale=0.4, context_length=64, eval_every=1.0, workers=8, n_local=8, out_dim=65536,
               head_hidden=2048, head_bottleneck=256, ema_momentum=0.996)
-# The built-in demo: what runs when --train-data is not given (tiny model, shapes rendered on the fly; its
-# length is set by epochs, not by the recipe's steps).
+# Without --train-data: the built-in demo (tiny model, shapes rendered on the fly, length set by epochs).
 DEMO = dict(model="tiny", batch_size=128, steps=None, epochs=3, lr=1e-3, lr_start=1e-6, lr_end=1e-5,
             warmup_epochs=0.5, wd=0.1, crop_scale=0.4, builtin_samples=13312, eval_every=0.0, workers=1, n_local=4,
             out_dim=256, head_hidden=256, head_bottleneck=64, ema_momentum=0.99)
@@ -96,26 +95,36 @@ def add_method_args(p):
     g = p.add_argument_group("SILC")
     g.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"],
                    help="contrastive loss: softmax = SILC-C (CLIP's InfoNCE), sigmoid = SILC-S (SigLIP)")
-    g.add_argument("--t-init", type=float, help="initial t = exp(t') (default: 1/0.07 for softmax, clamped at 100; "
+    g.add_argument("--t-init", type=common.positive(10.0),
+                   help="initial t = exp(t') (default: 1/0.07 for softmax, clamped at 100; "
                                                 "10 for sigmoid)")
-    g.add_argument("--b-init", type=float, default=-10.0, help="initial bias b of the sigmoid loss")
-    g.add_argument("--n-local", type=int, help="local crops per image (paper 8; 0 = no self-distillation unless "
+    g.add_argument("--b-init", type=common.Range(float, eg=-10.0), default=-10.0,
+                   help="initial bias b of the sigmoid loss")
+    g.add_argument("--n-local", type=common.at_least(0, eg=8),
+                   help="local crops per image (paper 8; 0 = no self-distillation unless "
                                                "--distill-global-cross)")
-    g.add_argument("--local-size", type=int, help="local crop side in pixels, a multiple of the patch (default: "
-                                                  "96/224 of the image size in whole patches, at least 2)")
-    g.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.4), metavar=("MIN", "MAX"),
+    g.add_argument("--local-size", type=common.at_least(1, eg=96),
+                   help="local crop side in pixels, a multiple of the patch (default: "
+                        "96/224 of the image size in whole patches, at least 2)")
+    g.add_argument("--local-scale", type=common.fraction(lo_open=True, eg=0.4), nargs=2, default=(0.05, 0.4),
+                   metavar=("MIN", "MAX"),
                    help="area fraction of the local crops (the global crops use --crop-scale to 1)")
-    g.add_argument("--lambda-sd", type=float, default=1.0, help="λ, weight of L_sd (0 = no self-distillation)")
-    g.add_argument("--out-dim", type=int, help="K, prototypes of the DINO head (recipe 65536)")
-    g.add_argument("--head-hidden", type=int, help="hidden width of the DINO head's MLP (recipe 2048)")
-    g.add_argument("--head-bottleneck", type=int, help="bottleneck of the DINO head (recipe 256)")
-    g.add_argument("--student-temp", type=float, default=0.1, help="τ_s")
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="τ_t at step 0")
-    g.add_argument("--teacher-temp", type=float, default=0.07, help="τ_t after the warm-up")
-    g.add_argument("--warmup-teacher-temp-steps", type=int,
-                   help="length of the linear τ_t warm-up in steps (default: the LR warm-up's)")
-    g.add_argument("--center-momentum", type=float, default=0.9, help="m_c of the teacher centre")
-    g.add_argument("--ema-momentum", type=float, help="EMA momentum m of the teacher (recipe 0.996)")
+    g.add_argument("--lambda-sd", type=common.at_least(0, float, 1.0), default=1.0,
+                   help="λ, weight of L_sd (0 = no self-distillation)")
+    g.add_argument("--out-dim", type=common.at_least(1, eg=65536), help="K, prototypes of the DINO head (recipe 65536)")
+    g.add_argument("--head-hidden", type=common.at_least(1, eg=2048),
+                   help="hidden width of the DINO head's MLP (recipe 2048)")
+    g.add_argument("--head-bottleneck", type=common.at_least(1, eg=256),
+                   help="bottleneck of the DINO head (recipe 256)")
+    g.add_argument("--student-temp", type=common.positive(0.1), default=0.1, help="τ_s")
+    g.add_argument("--warmup-teacher-temp", type=common.positive(0.04), default=0.04, help="τ_t at step 0")
+    g.add_argument("--teacher-temp", type=common.positive(0.07), default=0.07, help="τ_t after the warm-up")
+    g.add_argument("--warmup-teacher-temp-steps", type=common.at_least(0, eg=1000),
+                   help="steps of the linear τ_t warm-up (default: equal to the LR warm-up, --warmup-epochs × "
+                        "steps per epoch, for every data source)")
+    g.add_argument("--center-momentum", type=common.fraction(eg=0.9), default=0.9, help="m_c of the teacher centre")
+    g.add_argument("--ema-momentum", type=common.fraction(eg=0.996),
+                   help="EMA momentum m of the teacher (recipe 0.996)")
     g = p.add_argument_group("SILC ablations (alternative designs the paper leaves open)")
     g.add_argument("--pool", default="auto", choices=["auto", "cls", "map", "gap"],
                    help="image embedding: [CLS] + projection, MAP head (no projection), or mean of the patch tokens "
@@ -127,8 +136,9 @@ def add_method_args(p):
                    help="DINO's colour jitter, grayscale and blur on the local crops")
     g.add_argument("--distill-global-cross", action="store_true",
                    help="also distil student global 1 -> teacher global 2 and 2 -> 1 (DINO's cross-global pairs)")
-    g.add_argument("--freeze-last-layer-steps", type=int, default=0,
-                   help="steps at the start during which the prototypes get no gradient (DINO freezes 1 epoch)")
+    g.add_argument("--freeze-last-layer-steps", type=common.at_least(0, eg=1250), default=0,
+                   help="first steps in which the prototypes get no gradient, no decay, no Adam moments (DINO: 1 "
+                        "epoch)")
     g.add_argument("--ema-schedule", default="const", choices=["const", "cosine"],
                    help="const (SILC) or DINO's cosine schedule from --ema-momentum to 1")
     g.add_argument("--seg-readout", default="proj", choices=["proj", "map_value"],
@@ -209,18 +219,19 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x, causal=False, cls_attention=False):
-        """x: (B, N, D) -> (B, N, D). With cls_attention=True also returns every block's [CLS] attention
-        row, averaged over heads: (layers, B, N)."""
+    def forward(self, x, causal=False, cls_attention=0):
+        """x: (B, N, D) -> (B, N, D). With cls_attention=n > 0 also returns the [CLS] attention rows of the
+        last n blocks, averaged over heads: (n, B, N); the other blocks do not compute theirs."""
         maps = []
-        for block in self.resblocks:
+        for i, block in enumerate(self.resblocks):
+            row = i >= self.layers - cls_attention
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, cls_attention, use_reentrant=False)
+                x = checkpoint(block, x, causal, row, use_reentrant=False)
             else:
-                x = block(x, causal, cls_attention)
-            if cls_attention:
-                x, row = x
-                maps.append(row)
+                x = block(x, causal, row)
+            if row:
+                x, r = x
+                maps.append(r)
         return (x, torch.stack(maps)) if cls_attention else x
 
 
@@ -238,44 +249,45 @@ def init_transformer(tower):
 
 class VisionTransformer(nn.Module):
     """ViT with OpenAI CLIP's parameter names. Returns every token, so that teachers and decoders get the
-    patch features, not only the pooled [CLS]."""
+    patch features, not only the pooled [CLS]. class_token=False: no [CLS] and no ln_pre (big_vision's ViT,
+    for heads that pool the patches)."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act):
+    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act, class_token=True):
         super().__init__()
-        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_size, self.grid, self.n_cls = patch_size, image_size // patch_size, int(class_token)
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.n_cls + self.grid ** 2, width))
+        self.ln_pre = nn.LayerNorm(width) if class_token else nn.Identity()
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def pos_embed(self, gh, gw):
-        """Position embedding for a gh × gw grid, [CLS] row first: (1 + gh·gw, D). Bicubically interpolated
-        when the grid differs from the one the model was built for (other input sizes)."""
+        """Position embedding for a gh × gw grid, [CLS] row first if any: (n_cls + gh·gw, D). Bicubically
+        interpolated when the grid differs from the one the model was built for (other input sizes)."""
         if (gh, gw) == (self.grid, self.grid):
             return self.positional_embedding
-        cls, patches = self.positional_embedding[:1], self.positional_embedding[1:]
+        cls, patches = self.positional_embedding[:self.n_cls], self.positional_embedding[self.n_cls:]
         patches = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)      # (1, D, g, g)
         patches = F.interpolate(patches.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (1+gh·gw, D)
+        return torch.cat([cls, patches.to(cls.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (n_cls+gh·gw, D)
 
-    def forward(self, x, keep=None, cls_attention=False):
+    def forward(self, x, keep=None, cls_attention=0):
         """x: (B, 3, H, W); keep: (B, K) indices of the patches to encode, or None for all. Each kept patch
-        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS]
-        first: (B, 1+K, D) (and the [CLS] attention maps with cls_attention=True, see Transformer)."""
+        carries its own position embedding. Returns the last block's tokens, before ln_post, [CLS] first
+        if any: (B, n_cls+K, D) (and the last cls_attention blocks' [CLS] rows, see Transformer)."""
         x = self.conv1(x)                                          # (B, D, gh, gw)
         B, D, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)                           # (B, N, D)
         pos = self.pos_embed(gh, gw).to(x.dtype)
-        x = x + pos[1:]
+        x = x + pos[self.n_cls:]
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, D))     # (B, K, D)
-        cls = (self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D)
-        x = self.ln_pre(torch.cat([cls, x], dim=1))                # (B, 1+K, D)
-        return self.transformer(x, cls_attention=cls_attention)
+        if self.n_cls:
+            x = torch.cat([(self.class_embedding + pos[0]).to(x.dtype).expand(B, 1, D), x], dim=1)  # (B, 1+K, D)
+        return self.transformer(self.ln_pre(x), cls_attention=cls_attention)
 
 
 class CLIP(nn.Module):
@@ -284,9 +296,9 @@ class CLIP(nn.Module):
     `logit_scale`, ...), so that OpenAI and open_clip ViT checkpoints load with strict checks."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, context_length, text_width, text_layers,
-                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE):
+                 text_heads, embed_dim, act="quickgelu", vocab_size=common.VOCAB_SIZE, class_token=True):
         super().__init__()
-        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act)
+        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, embed_dim, act, class_token)
         self.token_embedding = nn.Embedding(vocab_size, text_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, text_width))
         self.transformer = Transformer(text_width, text_layers, text_heads, act)
@@ -328,32 +340,33 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # <method> Views
 # ----------------------------------------------------------------------------------------------------
-# SILC masks nothing: the student's partial views are DINO's multi-crop (facebookresearch/dino, main_dino.py,
-# DataAugmentationDINO), built on the host by the loader's workers.
+# The student's partial views: DINO's multi-crop (facebookresearch/dino, main_dino.py, DataAugmentationDINO),
+# built by the loader's workers.
 class MultiCrop:
     """The views of one image (common.py's `(img, rng)` contract): 2 global crops (RandomResizedCrop to
-    global_size, area scale global_scale, bicubic, horizontal flip), n_local local crops (local_size, local_scale,
-    optionally DINO's photometric augmentation) and, with unaugmented=True, the image resized and centre-cropped
-    to global_size. Returns a tuple of FloatTensor[3, side, side]: (global 1, global 2, local 1..n[, unaugmented])."""
+    global_size, area scale global_scale, bicubic, horizontal flip unless flip_globals=False), n_local local
+    crops (local_size, local_scale, flip, optionally DINO's photometric augmentation) and, with unaugmented=True,
+    the image resized and centre-cropped to global_size. Returns FloatTensor[3, side, side] views: (global 1,
+    global 2, local 1..n[, unaugmented])."""
 
     def __init__(self, global_size, local_size, n_local, global_scale, local_scale, mean, std, photometric=False,
-                 unaugmented=False):
+                 unaugmented=False, flip_globals=True):
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.global_scale, self.local_scale, self.mean, self.std = tuple(global_scale), tuple(local_scale), mean, std
-        self.photometric = photometric
+        self.photometric, self.flip_globals = photometric, flip_globals
         self.unaugmented = common.EvalTransform(global_size, mean, std) if unaugmented else None
 
-    def crop(self, img, rng, size, scale, photometric=False):
+    def crop(self, img, rng, size, scale, photometric=False, flip=True):
         left, top, w, h = common.crop_box(rng, img.width, img.height, scale)
         out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         if photometric:
             out = common.photometric(out, rng, blur=0.5)  # DINO's local crops: blur p 0.5, no solarisation
         return common.to_normalized_tensor(out, self.mean, self.std)
 
     def __call__(self, img, rng):
-        views = [self.crop(img, rng, self.global_size, self.global_scale) for _ in range(2)]
+        views = [self.crop(img, rng, self.global_size, self.global_scale, flip=self.flip_globals) for _ in range(2)]
         views += [self.crop(img, rng, self.local_size, self.local_scale, self.photometric) for _ in range(self.n_local)]
         if self.unaugmented is not None:
             views.append(self.unaugmented(img))
@@ -366,14 +379,15 @@ class MultiCrop:
 def sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias):
     """SigLIP's loss over all ranks, -1/B Σ_i Σ_j log σ(z_ij·(t·x_i·y_j + b)), z_ij = 1 on the positive pair and
     -1 elsewhere. image_emb, text_emb: (B, E) L2-normalised, this rank's pairs; logit_scale: t' (t = exp t');
-    logit_bias: b. This rank's B images meet the texts of every rank (gathered with gradient), so the ranks'
-    losses, averaged as DDP averages gradients, are the loss of one process on the whole batch."""
-    all_text = all_gather_with_grad(text_emb)                                  # (world·B, E)
-    B, rank = image_emb.shape[0], rank_world()[0]
-    logits = logit_scale.exp() * image_emb.float() @ all_text.float().t() + logit_bias   # (B, world·B)
-    z = torch.full_like(logits, -1.0)
-    z[:, rank * B:(rank + 1) * B] += 2 * torch.eye(B, device=logits.device)   # +1 on the diagonal
-    return -F.logsigmoid(z * logits).sum() / B                                 # summed over texts, mean over images
+    logit_bias: b. The ranks' losses (B images against all ranks' texts, gathered with gradient), averaged as DDP
+    averages gradients, equal one process's on the whole batch. fp32 under autocast."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        all_text = all_gather_with_grad(text_emb.float())                      # (world·B, E)
+        B, rank = image_emb.shape[0], rank_world()[0]
+        logits = logit_scale.float().exp() * image_emb.float() @ all_text.t() + logit_bias.float()  # L_sig: t·x·y + b
+        z = torch.full_like(logits, -1.0)                                      # (B, world·B)
+        z[:, rank * B:(rank + 1) * B] += 2 * torch.eye(B, device=logits.device)   # +1 on the diagonal
+        return -F.logsigmoid(z * logits).sum() / B                             # L_sig: sum over texts, mean over images
 
 
 def teacher_probs(teacher_logits, center, tau_t):
@@ -392,13 +406,14 @@ def dino_loss(student_logits, teacher_p, tau_s, n_student_globals=0):
     student_logits: (V, B, K) raw DINO-head outputs, the first n_student_globals of them the two global views
     (--distill-global-cross), the rest the local views; teacher_p: (2, B, K) centred and sharpened teacher
     probabilities of the global views. A global view is never paired with itself (DINO's DINOLoss):
-    2·(V - n_student_globals) local pairs, plus 2 cross-global pairs when n_student_globals = 2."""
-    log_p = F.log_softmax(student_logits.float() / tau_s, dim=-1)              # (V, B, K)
-    ce = -torch.einsum("gbk,vbk->gv", teacher_p, log_p) / log_p.shape[1]       # (2, V): mean_b cross-entropy
-    pairs = torch.ones_like(ce)
-    if n_student_globals:
-        pairs[0, 0] = pairs[1, 1] = 0                                          # no view with itself
-    return (ce * pairs).sum() / pairs.sum()
+    2·(V - n_student_globals) local pairs, plus 2 cross-global pairs if n_student_globals = 2. fp32 under autocast."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_p = F.log_softmax(student_logits.float() / tau_s, dim=-1)          # (V, B, K): log P_s^v
+        ce = -torch.einsum("gbk,vbk->gv", teacher_p.float(), log_p) / log_p.shape[1]  # (2, V): -Σ_k P_t log P_s
+        pairs = torch.ones_like(ce)
+        if n_student_globals:
+            pairs[0, 0] = pairs[1, 1] = 0                                      # no view with itself
+        return (ce * pairs).sum() / pairs.sum()                                # L_sd: mean over the pairs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -406,7 +421,8 @@ def dino_loss(student_logits, teacher_p, tau_s, n_student_globals=0):
 # ----------------------------------------------------------------------------------------------------
 class MAPHead(nn.Module):
     """big_vision's multi-head attention pooling (big_vision/models/vit.py, MAPHead): one learned probe attends
-    over the patch tokens, then a residual MLP, y = a + MLP(LN(a)) with a = MHA(probe, x). (B, N, D) -> (B, D)."""
+    over the patch tokens, then a residual MLP, y = a + MLP(LN(a)) with a = MHA(probe, x). (B, N, D) -> (B, D).
+    As big_vision: Xavier kernels, zero attention biases, MlpBlock's tanh-GELU and normal(1e-6) biases, eps 1e-6."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -415,12 +431,16 @@ class MAPHead(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))  # q, k, v packed
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
-        self.ln = nn.LayerNorm(dim)
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, 4 * dim, "gelu")
+        self.mlp.gelu = nn.GELU(approximate="tanh")            # flax's nn.gelu
         nn.init.xavier_uniform_(self.probe.data.view(1, dim))  # Xavier as for a (1, D) kernel, as in flax
-        for w in (self.in_proj_weight.data.view(3, dim, dim).unbind(0)) + (self.out_proj.weight.data,):
+        for w in (*self.in_proj_weight.data.view(3, dim, dim), self.out_proj.weight, self.mlp.c_fc.weight,
+                  self.mlp.c_proj.weight):
             nn.init.xavier_uniform_(w)
         nn.init.zeros_(self.out_proj.bias)
+        for b in (self.mlp.c_fc.bias, self.mlp.c_proj.bias):
+            nn.init.normal_(b, std=1e-6)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -460,28 +480,27 @@ class DINOHead(nn.Module):
     def forward(self, x, freeze_prototypes=False):
         x = F.normalize(self.mlp(x), dim=-1)                   # (..., bottleneck) on the unit sphere
         w = F.normalize(self.prototypes, dim=-1)               # weight norm, gain g = 1: unit rows, (K, bottleneck)
-        if freeze_prototypes:  # DINO's freeze_last_layer: same value, zero gradient (DDP needs the parameter used)
+        if freeze_prototypes:  # zero gradient, out of the clipped norm (DDP needs the parameter used); see hold_grad
             w = w.detach() + 0 * w
         return F.linear(x, w)                                  # (..., K)
 
 
 def pooled_embedding(tower, image):
     """(B, 3, H, W) -> (B, E): the pooled image embedding that the contrastive loss (after L2 normalisation) and
-    the DINO head (before it) see. `tower` is the model or the teacher: both have visual, pool, map_head and
-    gap_proj. Any input size works: the position embedding is interpolated to the input's grid."""
-    x = tower.visual.ln_post(tower.visual(image))              # (B, 1+N, D), [CLS] first
+    the DINO head (before it) see. `tower`: the model or the teacher. Any input size (interpolated positions)."""
+    x = tower.visual.ln_post(tower.visual(image))              # (B, N, D); (B, 1+N, D), [CLS] first, for cls
     if tower.pool == "cls":
         return x[:, 0] @ tower.visual.proj                     # (B, E)
     if tower.pool == "gap":
-        return tower.gap_proj(x[:, 1:].mean(1))                # (B, E)
-    return tower.map_head(x[:, 1:])                            # (B, D): E = D, no projection
+        return tower.gap_proj(x.mean(1))                       # (B, E)
+    return tower.map_head(x)                                   # (B, D): E = D, no projection
 
 
 def dense_embedding(tower, image, readout="proj"):
     """(B, 3, H, W) -> (B, N, E): every patch token after ln_post, mapped into the joint space without attention
     pooling: through the pooled path's projection (cls, gap), as they are (map), or through the MAP head's value
     path (readout map_value). Not normalised. N = (H/patch)·(W/patch), row-major."""
-    x = tower.visual.ln_post(tower.visual(image)[:, 1:])       # (B, N, D)
+    x = tower.visual.ln_post(tower.visual(image)[:, tower.visual.n_cls:])   # (B, N, D), no [CLS]
     if tower.pool == "cls":
         return x @ tower.visual.proj                           # (B, N, E)
     if tower.pool == "gap":
@@ -491,7 +510,7 @@ def dense_embedding(tower, image, readout="proj"):
 
 class SILC(CLIP):
     """CLIP (or SigLIP) towers + the pooling head + the DINO head (built when `distill`). With pool "cls" the
-    towers are an OpenAI-layout CLIP; with "map" or "gap" the image tower has no `visual.proj`.
+    towers are an OpenAI-layout CLIP; with "map" or "gap" the image tower has no [CLS], ln_pre or `visual.proj`.
     cfg: CLIP's keyword arguments (image_size, patch_size, width, ...)."""
 
     def __init__(self, *, loss="softmax", pool="cls", t_init=None, b_init=-10.0, contrastive_on="both_globals",
@@ -500,7 +519,7 @@ class SILC(CLIP):
         if pool not in ("cls", "map", "gap"):
             raise ValueError(f"pool must be 'cls', 'map' or 'gap', not {pool!r}")
         embed_dim = cfg["width"] if pool == "map" else cfg["embed_dim"]
-        super().__init__(**dict(cfg, embed_dim=embed_dim))
+        super().__init__(**dict(cfg, embed_dim=embed_dim, class_token=pool == "cls"))
         self.pool, self.loss_kind, self.seg_readout = pool, loss, seg_readout
         self.contrastive_on, self.cross, self.tau_s, self.lambda_sd = contrastive_on, distill_global_cross, \
             student_temp, lambda_sd
@@ -577,9 +596,8 @@ class Teacher(nn.Module):
         self.pool = model.pool
         self.visual = copy.deepcopy(model.visual)
         self.visual.transformer.grad_checkpointing = False
-        self.map_head = copy.deepcopy(model.map_head)
-        self.gap_proj = copy.deepcopy(model.gap_proj)
-        self.dino_head = copy.deepcopy(model.dino_head)
+        for name in ("map_head", "gap_proj", "dino_head"):
+            setattr(self, name, copy.deepcopy(getattr(model, name)))
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, model.dino_head.prototypes.shape[0]))
         self.requires_grad_(False)
@@ -647,26 +665,13 @@ def check_args(args, cfg):
     def bad(message):
         raise common.UsageError(message)
     p, size, (lo, hi) = cfg["patch_size"], local_crop_size(args, cfg), args.local_scale
-    if args.n_local < 0:
-        bad(f"--n-local {args.n_local} is negative; give 0 or more local crops")
     if size < p or size % p:
         bad(f"--local-size {size} is not a positive multiple of the patch size {p}; give e.g. {2 * p}")
-    if not 0 < lo <= hi <= 1:
-        bad(f"--local-scale {lo} {hi} is not an area range within (0, 1]; give e.g. 0.05 0.4")
+    if lo > hi:
+        bad(f"--local-scale {lo} {hi} is not an area range (MIN <= MAX); give e.g. 0.05 0.4")
     if args.seg_readout == "map_value" and resolve_pool(args) != "map":
         bad(f"--seg-readout map_value reads through the MAP head, but --pool is {resolve_pool(args)}; add --pool "
             f"map or use --seg-readout proj")
-    for name in ("out_dim", "head_hidden", "head_bottleneck"):
-        if getattr(args, name) < 1:
-            bad(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
-        if getattr(args, name) <= 0:
-            bad(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
-    if args.lambda_sd < 0:
-        bad(f"--lambda-sd {args.lambda_sd} is negative; give 0 (no self-distillation) or more")
-    for name, example in (("ema_momentum", 0.996), ("center_momentum", 0.9)):
-        if not 0 <= getattr(args, name) <= 1:
-            bad(f"--{name.replace('_', '-')} {getattr(args, name)} is outside [0, 1]; give e.g. {example}")
 
 
 def build_model(cfg, args):
@@ -685,7 +690,7 @@ def train_transform(args, cfg):
     mean, std = common.NORMS[args.norm]
     return MultiCrop(cfg["image_size"], local_crop_size(args, cfg), args.n_local if distilling(args) else 0,
                      (args.crop_scale, 1.0), args.local_scale, mean, std, args.local_photometric,
-                     unaugmented=args.contrastive_on == "unaugmented")
+                     unaugmented=args.contrastive_on == "unaugmented", flip_globals=args.train_data is not None)
 
 
 def no_weight_decay(name, param):
@@ -695,8 +700,8 @@ def no_weight_decay(name, param):
 
 
 def train_step(ddp, model, teacher, batch, step, sched, args, device):
-    """ddp: the DDP-wrapped (and maybe compiled) model; model: the raw module; batch: (views, texts, skipped) as
-    the loader gave it, views a tuple of (B, 3, side, side) (see MultiCrop). Returns (loss, metrics)."""
+    """ddp: the DDP-wrapped (maybe compiled) model; model: the raw one; batch: (views, texts, skipped) from the
+    loader, views MultiCrop's, each (B, 3, side, side). Returns (loss, metrics)."""
     views, text, _ = batch
     views, text = common.to_device((views, text), device)
     global_crops = torch.cat(views[:2])                                    # (2B, 3, S, S): view 1, then view 2
@@ -707,9 +712,21 @@ def train_step(ddp, model, teacher, batch, step, sched, args, device):
     if teacher is not None:  # the EMA teacher on the global crops, before the one forward of the student
         n = sched.warmup if args.warmup_teacher_temp_steps is None else args.warmup_teacher_temp_steps
         tau_t = teacher_temperature(step, n, args.warmup_teacher_temp, args.teacher_temp)
-        inputs = dict(teacher_probs=teacher.targets(global_crops, tau_t),
-                      freeze_prototypes=step < args.freeze_last_layer_steps)
+        frozen = step < args.freeze_last_layer_steps
+        if frozen:
+            hold_grad(model.dino_head.prototypes)
+        inputs = dict(teacher_probs=teacher.targets(global_crops, tau_t), freeze_prototypes=frozen)
     return ddp(global_crops, text, local_crops, unaugmented, **inputs)
+
+
+def hold_grad(param):
+    """DINO's cancel_gradients_last_layer: param.grad = None at the next optimizer step (no decay, no moments) by a
+    one-shot pre-hook: DDP gives every parameter a gradient."""
+    def hook(*_):
+        param.grad = None
+        handle.remove()
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(hook)
 
 
 def after_step(model, teacher, step, sched, args):
@@ -770,12 +787,14 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
     """CLIP's InfoNCE over all ranks. image_emb, text_emb: (B, E) L2-normalised, this rank's pairs;
     logit_scale: the log of the temperature's inverse s. Each rank builds B × (world·B) logits (local
     loss, gather with gradient); labels are rank·B + arange(B). Returns the two directions (L_I, L_T),
-    each a mean over this rank's B rows."""
-    all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)   # (world·B, E)
-    s = logit_scale.exp()
-    labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
-    loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
-    loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
+    each a mean over this rank's B rows. Computed in fp32, also under autocast."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        image_emb, text_emb = image_emb.float(), text_emb.float()
+        all_image, all_text = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)  # (world·B, E)
+        s = logit_scale.float().exp()
+        labels = rank_world()[0] * image_emb.shape[0] + torch.arange(image_emb.shape[0], device=image_emb.device)
+        loss_i = F.cross_entropy(s * image_emb @ all_text.t(), labels)    # image -> text, (B, world·B) logits
+        loss_t = F.cross_entropy(s * text_emb @ all_image.t(), labels)    # text -> image
     return loss_i, loss_t
 
 
@@ -830,8 +849,8 @@ def train_one_step(ddp, model, teacher, batch, optimizer, scaler, step, sched, a
 
 
 def model_config(args):
-    return dict(common.MODELS[args.model], act=args.act, context_length=getattr(args, "context_length", None)
-                or common.MODELS[args.model]["context_length"])
+    size = common.model_size(METHOD, args.model)
+    return dict(size, act=args.act, context_length=getattr(args, "context_length", None) or size["context_length"])
 
 
 def parse_args(argv=None):
@@ -849,8 +868,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        common.close_run()
 
 
 def train(args):
@@ -872,7 +890,6 @@ def train(args):
     step = common.restore(ckpt, ckpt_path, method=METHOD, model=model, teacher=teacher, optimizer=optimizer,
                           scaler=scaler, rank=rank, world=world, seed=args.seed)   # then per-rank random states
     del ckpt
-    os.makedirs(args.out_dir, exist_ok=True)
     if common.is_main():
         common.write_provenance(args.out_dir, args, world, __file__)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -881,8 +898,8 @@ def train(args):
     common.print0(f"{METHOD}: {args.model}, {n_params / 1e6:.1f}M trained parameters, {world} process(es) on "
                   f"{device}, global batch {args.batch_size}, {spe} steps/epoch, {sched.total} steps, lr {args.lr:g} "
                   f"({args.precision}); data: {args.train_data or 'built-in shapes'}; out: {args.out_dir}")
-    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, batch_size=args.batch_size,
-                           steps_per_epoch=spe, total=sched.total, step=step, ckpt_path=ckpt_path)
+    log = common.MetricLog(args.out_dir, METHOD, world=world, device=device, data=data, total=sched.total,
+                           step=step, ckpt_path=ckpt_path, scaler=scaler)
     eval_every = round(args.eval_every * spe) if args.eval_every else 0
     epoch, skip = divmod(step, spe)
     batches = data.batches(epoch, skip)
@@ -903,7 +920,7 @@ def train(args):
             model.train()
         if (step % args.save_every == 0 and step < sched.total) or log.stopping:
             common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model,
-                                   teacher=teacher, optimizer=optimizer, scaler=scaler)
+                                   teacher=teacher, optimizer=optimizer, scaler=scaler, log=log)
         if log.stopping:
             common.print0(f"SIGTERM: checkpoint saved at step {step} in {ckpt_path}; continue with --resume")
             break
@@ -911,7 +928,7 @@ def train(args):
     if log.stopping:
         return
     common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model, teacher=teacher,
-                           optimizer=optimizer, scaler=scaler)
+                           optimizer=optimizer, scaler=scaler, log=log)
     exports = export_state_dicts(model.state_dict(), teacher.state_dict() if common.trained(teacher) else None)
     if common.is_main():
         for name, sd in exports.items():
@@ -931,9 +948,8 @@ def train(args):
 # <method> Evaluation and export
 # ----------------------------------------------------------------------------------------------------
 def export_state_dicts(model_sd, teacher_sd):
-    """OpenAI-layout state dicts: 'online', and 'ema' (the EMA image tower, projection included, with the online
-    text tower). Only a [CLS]-pooled model is an OpenAI CLIP: a MAP- or GAP-pooled one (no `visual.proj`) exports
-    nothing; its weights are in checkpoint.pt, which eval_towers (and so eval_zeroshot.py) reads."""
+    """OpenAI-layout state dicts: 'online', and 'ema' (the EMA image tower with the online text tower). A MAP- or
+    GAP-pooled model (no [CLS], no `visual.proj`) is no OpenAI CLIP and exports nothing: eval_towers reads it."""
     if "visual.proj" not in model_sd:
         return {}
     online = {k: v for k, v in model_sd.items() if k.startswith(common.OPENAI_PREFIXES)}
@@ -944,9 +960,8 @@ def export_state_dicts(model_sd, teacher_sd):
 
 
 def eval_towers(ckpt):
-    """What eval_zeroshot.py evaluates in a checkpoint of this script: {name: SILC model} for the online and the
-    EMA weights (the EMA image tower and pooling with the online text tower), each with encode_image(x) -> (B, E),
-    encode_text(t) -> (B, E) and encode_dense(x) -> (B, N, E), for every --pool and --seg-readout."""
+    """{name: SILC model} of a checkpoint, for eval_zeroshot.py: the online and the EMA weights (EMA image tower
+    and pooling, online text tower), with encode_image, encode_text and encode_dense, for every --pool."""
     args = argparse.Namespace(**ckpt["args"])
     weights = {"online": ckpt["model"]}
     if ckpt.get("teacher") is not None:

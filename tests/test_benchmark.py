@@ -168,7 +168,8 @@ def test_peak_rss_is_reset():
 
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "clip,bogus"], "--methods: unknown row bogus"),
-    (["--model", "ViT-Z", "--steps", "0"], "--model ViT-Z is not a model size"),
+    (["--model", "ViT-Z"], "--model ViT-Z is not a model size"),
+    (["--steps", "0"], "argument --steps: got 0; give an integer >= 1"),
     (["--json", "/nonexistent-folder/bench.json"], "--json /nonexistent-folder/bench.json: cannot write"),
     (["--profile", os.path.join(ROOT, "README.md")], "cannot make that folder"),
 ])

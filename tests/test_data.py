@@ -140,6 +140,28 @@ def test_collate_gives_views_targets_skipped(tmp_path):
     assert x.shape == (3, 3, 16, 16) and boxes.shape == (3, 4) and labels.dtype == torch.long
 
 
+def test_csv_caption_drawn_per_sample_from_several_columns(tmp_path):
+    """--csv-caption-key title,description: one column per sample, drawn deterministically per (seed, epoch,
+    index), both columns drawn over the rows, an empty cell falling back to the other (SLIP's YFCC loader)."""
+    (tmp_path / "imgs").mkdir()
+    rows = ["filepath\ttitle\tdescription"]
+    for i in range(40):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(image_bytes(i))
+        title, desc = caption(i), caption(100 + i)
+        rows.append(f"imgs/{i}.png\t{'' if i == 0 else title}\t{'' if i == 1 else desc}")
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    ds = CsvDataset(str(tmp_path / "d.csv"), CROP, caption_key="title,description", seed=3)
+    drawn = [ident(ds[(0, i)][1]) for i in range(40)]
+    assert drawn == [ident(ds[(0, i)][1]) for i in range(40)]                     # deterministic
+    assert drawn[0] == 100 and drawn[1] == 1                                       # empty cells fall back
+    assert {d >= 100 for d in drawn[2:]} == {True, False}                          # both columns are drawn
+    assert [d % 100 for d in drawn] == list(range(40))                             # always the row's own caption
+    assert [ident(ds[(1, i)][1]) for i in range(40)] != drawn                      # another epoch, other draws
+    assert torch.equal(ds[(0, 5)][0], CsvDataset(str(tmp_path / "d.csv"), CROP, seed=3)[(0, 5)][0])  # same crop
+    with pytest.raises(UsageError, match="no column 'summary'"):
+        CsvDataset(str(tmp_path / "d.csv"), CROP, caption_key="title,summary")
+
+
 def test_imagefolder_classes_and_labels(tmp_path):
     ds = ImageFolder(make_folder(tmp_path, (3, 2, 4)), None)
     assert ds.classes == ["class_0", "class_1", "class_2"]  # .hidden is not a class

@@ -177,7 +177,7 @@ def test_segmentation_known_miou(world1):
     for truth, expected in ((label, (100.0, 100.0)), (ignored, (100.0, 100.0)),
                             # IoU: background 1, class 0 64/128, classes 1-3 1, class 4 0/64 -> 4.5/6
                             (wrong, (75.0, 100 * 320 / 384))):
-        inputs = ([(image, truth, 0)] * 2, WORDS, BACKGROUND, ["a photo of a {}."], 2)
+        inputs = ([(image, truth, 0)] * 2, WORDS, BACKGROUND, ["a photo of a {}."], 2, None)
         out = ez.run_segmentation(FakeTower(), inputs, meta, args_for(), CPU, "t")
         assert (out["seg_mIoU"], out["seg_pixel_acc"]) == pytest.approx(expected)
 
@@ -190,6 +190,71 @@ def test_segmentation_background_threshold():
     assert plain[1, 0] == 0                                 # a class wins without the threshold
     strict = common.segmentation_confusion(dense, classifier, 1, (2, 2), masks, bg_threshold=0.6)
     assert strict[1, 0] == 16                               # best probability 0.5 < 0.6: all background
+
+
+def confusion_of(truth, pred, n=65):
+    """(n, n) confusion counts of label arrays, rows truth."""
+    return torch.bincount((truth.long() * n + pred.long()).flatten(), minlength=n * n).view(n, n)
+
+
+@pytest.fixture(scope="module")
+def shapes_masks():
+    """The masks of 24 built-in held-out images, as the segmentation task scores them."""
+    ds = ez.ShapesSegmentation(24, lambda img: torch.zeros(1))
+    return torch.stack([ds[i][1] for i in range(len(ds))])
+
+
+def test_collapse_confusion_by_hand():
+    confusion = torch.tensor([[5, 1, 2], [0, 3, 4], [6, 0, 7]])
+    merged = common.collapse_confusion(confusion, [0, 1, 1])       # labels 1 and 2 become one label
+    assert merged.tolist() == [[5, 3], [6, 14]]
+    assert common.collapse_confusion(confusion, [0, 1, 2]).equal(confusion)
+
+
+def test_shapes_scores_perfect_and_constant_predictors(shapes_masks):
+    """The four built-in scores on the real held-out masks: 100 for a perfect predictor; for constant ones the
+    value each definition implies, computed here from the pixel counts."""
+    truth = shapes_masks
+    perfect = common.shapes_segmentation_scores(confusion_of(truth, truth))
+    assert perfect == pytest.approx({k: 100.0 for k in perfect})
+    assert set(perfect) == {"seg_mIoU", "seg_pixel_acc", "seg_colour_mIoU", "seg_shape_mIoU", "seg_fg_IoU"}
+    bg_frac, fg_frac = (truth == 0).float().mean().item(), (truth > 0).float().mean().item()
+    colours = {1 + (c - 1) % 8 for c in truth.unique().tolist() if c}
+    shapes = {1 + (c - 1) // 8 for c in truth.unique().tolist() if c}
+    background = common.shapes_segmentation_scores(confusion_of(truth, torch.zeros_like(truth)))
+    assert background["seg_fg_IoU"] == 0 and background["seg_pixel_acc"] == pytest.approx(100 * bg_frac)
+    assert background["seg_colour_mIoU"] == pytest.approx(100 * bg_frac / (1 + len(colours)))
+    assert background["seg_shape_mIoU"] == pytest.approx(100 * bg_frac / (1 + len(shapes)))
+    assert background["seg_mIoU"] == pytest.approx(100 * bg_frac / (1 + len(truth.unique()) - 1))
+    red_circle = 1 + common.SHAPE_CLASSNAMES.index("red circle")   # one object label everywhere
+    constant = common.shapes_segmentation_scores(confusion_of(truth, torch.full_like(truth, red_circle)))
+    assert constant["seg_fg_IoU"] == pytest.approx(100 * fg_frac)
+    red = ((truth > 0) & ((truth - 1) % 8 == common.COLOUR_NAMES.index("red"))).float().mean().item()
+    present = len(colours | {1 + common.COLOUR_NAMES.index("red")}) + 1       # + background (in the truth)
+    assert constant["seg_colour_mIoU"] == pytest.approx(100 * red / present)
+    # right object, wrong colour: the shape mIoU is perfect, the colour mIoU is not
+    recoloured = torch.where(truth > 0, (truth - 1) // 8 * 8 + ((truth - 1) % 8 + 1) % 8 + 1, 0)
+    shifted = common.shapes_segmentation_scores(confusion_of(truth, recoloured))
+    assert shifted["seg_shape_mIoU"] == pytest.approx(100) and shifted["seg_fg_IoU"] == pytest.approx(100)
+    wrong = colours | {1 + (c - 1) % 8 for c in recoloured.unique().tolist() if c}   # truth's and predicted
+    assert shifted["seg_colour_mIoU"] == pytest.approx(100 / (1 + len(wrong)))         # background alone right
+
+
+def test_builtin_segmentation_gives_the_four_scores(world1):
+    """eval_zeroshot's built-in segmentation (at 64 px, 8 × 8 patches for the tiny model) and
+    common.shapes_segmentation agree on the same images, and the plain call still returns the 65-label mIoU."""
+    torch.manual_seed(0)
+    clip = maskclip.CLIP(**dict(common.MODELS["tiny"], act="quickgelu")).eval()
+    meta = {"image_size": 32, "patch_size": 8, "norm": "clip", "context_length": 24}
+    args = args_for("--builtin-samples", "8", "--tasks", "segmentation")
+    inputs = dict(ez.benchmarks(args, meta)[0][1])["segmentation"]
+    assert inputs[0][0][0].shape == (3, 64, 64)
+    out = ez.run_segmentation(clip, inputs, meta, args, CPU, "t")
+    classifier = common.shapes_segmentation_classifier(clip.encode_text, 24, CPU)
+    kwargs = dict(image_size=32, patch_size=8, norm="clip", device=CPU, n_images=8, seg_size=64)
+    assert common.shapes_segmentation(clip.encode_dense, classifier, scores=True, **kwargs) == pytest.approx(out)
+    assert common.shapes_segmentation(clip.encode_dense, classifier, **kwargs) == pytest.approx(out["seg_mIoU"])
+    assert all(0 <= v <= 100 for v in out.values())
 
 
 def test_miou_by_hand():
@@ -267,8 +332,9 @@ def run_eval_cli(*args):
     return proc
 
 
-ALL_METRICS = {"zeroshot_top1", "zeroshot_top5", "seg_mIoU", "seg_pixel_acc", "knn_top1", "probe_top1",
-               "probe_lambda"} | {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+ALL_METRICS = {"zeroshot_top1", "zeroshot_top5", "seg_mIoU", "seg_pixel_acc", "seg_colour_mIoU", "seg_shape_mIoU",
+               "seg_fg_IoU", "knn_top1", "probe_top1", "probe_lambda"} | {f"{d}_R@{k}" for d in ("i2t", "t2i")
+                                                                          for k in (1, 5, 10)}
 
 
 def test_checkpoint_and_export_end_to_end(run_dir):

@@ -4,6 +4,7 @@ exact resume, bad input, SIGTERM, non-finite loss)."""
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import ROOT, run_cli, run_distributed
 
@@ -282,9 +284,22 @@ def test_no_weight_decay_groups(world1):
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
     no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
-    assert {"logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
-            "visual.ln_pre.weight", "visual.transformer.resblocks.0.attn.in_proj_bias", "mask_token"} <= no_decay
-    assert {"visual.conv1.weight", "visual.proj", "text_projection", "transformer.resblocks.0.mlp.c_fc.weight"} <= decay
+    # SLIP's rule: ndim < 2, or 'bias' / 'ln' / 'bn' in the name; the embeddings are decayed
+    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "ln_final.bias",
+            "visual.transformer.resblocks.0.attn.in_proj_bias", "mask_token"} <= no_decay
+    assert {"visual.conv1.weight", "visual.proj", "text_projection", "transformer.resblocks.0.mlp.c_fc.weight",
+            "token_embedding.weight", "positional_embedding", "visual.positional_embedding"} <= decay
+    assert decay.isdisjoint(no_decay) and decay | no_decay == set(names.values())
+
+
+def test_training_crops_are_bilinear_as_slip():
+    crop = maskclip.train_transform(small_model()[2], {"image_size": 32})
+    noise = random.Random(0)
+    img = Image.frombytes("RGB", (64, 48), bytes(noise.randrange(256) for _ in range(64 * 48 * 3)))
+    assert crop.resample == Image.BILINEAR
+    a = crop(img, random.Random(0))
+    crop.resample = Image.BICUBIC
+    assert not torch.equal(a, crop(img, random.Random(0)))
 
 
 # ---------------------------------------------------------------------------------------------- weights

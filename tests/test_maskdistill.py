@@ -1,8 +1,9 @@
-"""MaskDistill: the block-mask generator, the [MASK] token, the student's attention and relative position
-bias, the regression loss against a naive reference (forward and gradients), the frozen teacher (loading
-from OpenAI-layout files built here, pixel conversion, grid alignment, no gradient), the one-line teacher
-errors, the teacher file read once, the losses without a process group, distributed equivalence, and the
-real CLI (smoke run, resume, no arguments, no image-text flags)."""
+"""MaskDistill: the block-mask generator (and --max-mask-patches-per-block), the [MASK] token, the student's
+attention and relative position bias, the regression loss against a naive reference (forward and gradients),
+the frozen teacher (loading from OpenAI-layout files built here, pixel conversion, grid alignment, the crop
+resized for a teacher of another size, no gradient), the one-line teacher errors, the teacher file read once,
+the losses without a process group, distributed equivalence, and the real CLI (smoke run, resume, no
+arguments, no image-text flags)."""
 import json
 import math
 import os
@@ -134,12 +135,37 @@ def test_bad_mask_counts_are_value_errors_and_one_line_usage_errors_at_start_up(
         md.BlockMaskGenerator((4, 4), 16, 2)
     with pytest.raises(ValueError, match="at least 1"):
         md.BlockMaskGenerator((4, 4), 6, 0)
-    for flags, what in ((["--num-mask-patches", "16"], "between 1 and 15"),
-                        (["--min-mask-patches-per-block", "0"], "at least 1")):
+    with pytest.raises(SystemExit):  # out of its range: an argparse error (tests/test_flags.py)
+        md.parse_args(["--teacher", teacher_file, "--min-mask-patches-per-block", "0"])
+    for flags, what in ((["--num-mask-patches", "16"], "between 1 and 15"),):
         args = md.parse_args(["--teacher", teacher_file, *flags])
         with pytest.raises(common.UsageError, match=what) as e:
             md.train_transform(args, md.model_config(args))
         assert "\n" not in str(e.value) and "--num-mask-patches" in str(e.value)
+
+
+def test_max_block_flag_bounds_the_blocks_and_is_range_checked(teacher_file):
+    """--max-mask-patches-per-block (BEiT v2's max_mask_patches_per_block, default None = the count): smaller
+    blocks give other, more scattered masks with the same count; values outside [min, count] are errors."""
+    default, small = md.BlockMaskGenerator((14, 14), 75, 16), md.BlockMaskGenerator((14, 14), 75, 16, max_block=16)
+    assert default.max_block == 75 and md.BlockMaskGenerator((14, 14), 75, 16, max_block=75).max_block == 75
+    masks = [(default(random.Random(i)), small(random.Random(i))) for i in range(50)]
+    assert all(a.sum() == b.sum() == 75 for a, b in masks) and sum(not np.array_equal(a, b) for a, b in masks) > 40
+    rng = random.Random(0)
+    for _ in range(200):  # every block the small generator places adds at most 16 patches
+        assert small._block(np.zeros((14, 14), dtype=bool), min(75, small.max_block), rng) <= 16
+    for bad in (15, 76):
+        with pytest.raises(ValueError, match="between the smallest"):
+            md.BlockMaskGenerator((14, 14), 75, 16, max_block=bad)
+    args = md.parse_args(["--teacher", teacher_file, "--max-mask-patches-per-block", "1"])  # demo: blocks from 2
+    assert md.parse_args([]).max_mask_patches_per_block is None
+    with pytest.raises(common.UsageError, match="--max-mask-patches-per-block: the largest block, 1 patches") as e:
+        md.train_transform(args, md.model_config(args))
+    assert "\n" not in str(e.value)
+    args = md.parse_args(["--teacher", teacher_file, "--max-mask-patches-per-block", "2"])
+    view = md.train_transform(args, md.model_config(args))
+    assert view.masks.max_block == 2
+    assert view(common.render_shapes(0, 3)[0], common.sample_rng(0, 0, 3))[1].shape == (6,)
 
 
 def test_default_mask_count_is_75_of_196_scaled():
@@ -409,12 +435,39 @@ def test_teacher_with_another_patch_size_gets_a_resized_input(world1, tmp_path):
     torch.testing.assert_close(targets, ref)
 
 
+def test_teacher_of_another_size_gets_the_crop_resized_not_the_student_view(world1, tmp_path):
+    """BEiT v2's two-size crop: the teacher's view is the same box (and flip) of the original image resized once
+    to its size, made by the transform; train_step feeds it to the teacher as is (no second resize)."""
+    save_clip(tmp_path / "p16.pt", image_size=224, patch_size=16)              # needs 4 × 16 = 64 px
+    _, teacher, args = small(str(tmp_path / "p16.pt"))
+    assert args.teacher_size == teacher.input_size == 64
+    transform = md.train_transform(args, md.model_config(args))
+    mean, std = common.NORMS[args.norm]
+    samples = [transform(common.render_shapes(0, i)[0], common.sample_rng(0, 0, i)) for i in range(4)]
+    for i, (x, masked, x_t) in enumerate(samples):
+        img, rng = common.render_shapes(0, i)[0], common.sample_rng(0, 0, i)
+        assert torch.equal(x, common.TrainCrop(32, (args.crop_scale, 1.0), mean, std, flip=True)(img, rng))
+        rng = common.sample_rng(0, 0, i)
+        assert torch.equal(x_t, common.TrainCrop(64, (args.crop_scale, 1.0), mean, std, flip=True)(img, rng))
+        assert masked.shape == (6,)
+    x, masked, x_t = (torch.stack(v) for v in zip(*samples))
+    again = F.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False)
+    assert (again - x_t).abs().mean() > 0.02                                    # not the 32-px view resized
+    seen = []
+    pixels = teacher.pixels
+    teacher.pixels = lambda image: seen.append(image.shape) or pixels(image)
+    model, _, _ = small(str(tmp_path / "p16.pt"))
+    loss, _ = md.train_step(model, model, teacher, ((x, masked, x_t), torch.zeros(4), torch.zeros(4)), 0, SCHED,
+                            args, CPU)
+    assert seen == [(4, 3, 64, 64)] and torch.isfinite(loss)
+
+
 def test_teacher_errors_are_one_line_and_say_how_to_get_a_teacher(world1, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     save_clip(tmp_path / "grid.pt", image_size=64, patch_size=8)           # 8 × 8 grid of 8 px vs the student's 4 × 4
     cases = {None: "needs|--teacher PATH", str(tmp_path / "missing.pt"): "does not exist",
-             str(tmp_path / "garbage.pt"): "not a readable checkpoint", str(tmp_path / "other.pt"): "no CLIP ViT",
+             str(tmp_path / "garbage.pt"): "not a readable checkpoint", str(tmp_path / "other.pt"): "not a CLIP ViT",
              str(tmp_path / "grid.pt"): "grids must match"}
     for path, what in cases.items():
         args = md.parse_args(["--out-dir", str(tmp_path / "run")] + (["--teacher", path] if path else []))

@@ -1,15 +1,20 @@
-"""SILC: the multi-crop views, both contrastive losses and the DINO loss against naive references (forward and
-gradients; centring and the teacher-temperature schedule included), the losses without a process group, the EMA
-teacher, the DINO head, the dense features and the segmentation metric, exports and eval_towers, distributed
-equivalence in two gloo processes, and the real CLI (smoke runs of SILC-C and SILC-S, bad input)."""
+"""SILC: the multi-crop views (the demo's global crops unflipped), both contrastive losses and the DINO loss against
+naive references (forward and gradients; centring and the teacher-temperature schedule included) and in fp32 under
+bf16 autocast, τ_t's warm-up in the real loop for every data source, the losses without a process group, the EMA
+teacher, the DINO head (frozen prototypes untouched by AdamW), the MAP head against big_vision's, the [CLS]-free
+map/gap towers, the dense features and the segmentation metric, exports and eval_towers, distributed equivalence
+in two gloo processes, and the real CLI (smoke runs of SILC-C and SILC-S, bad input)."""
+import io
 import json
 import math
 import random
+import tarfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import run_cli, run_distributed
 
@@ -66,6 +71,26 @@ def test_multicrop_counts_shapes_scales_and_determinism(monkeypatch):
     assert len(out) == 11 and torch.equal(out[-1], common.EvalTransform(32, *common.NORMS[args.norm])(img))
     args.lambda_sd = 0
     assert len(silc.train_transform(args, cfg)(img, random.Random(1))) == 3
+
+
+def test_builtin_global_crops_are_never_flipped(monkeypatch):
+    """The built-in captions say left or right, so the demo's global crops (which meet the captions) are never
+    flipped; its local crops, and the global crops of real data, are flipped about half of the time."""
+    monkeypatch.setattr(common, "crop_box", lambda rng, w, h, scale: (0, 0, w, h))   # whole-image crops
+    img = Image.new("RGB", (64, 64))
+    img.paste((255, 255, 255), (32, 0, 64, 64))                       # dark left half, bright right half
+
+    def flipped(v):
+        return bool(v[:, :, :v.shape[2] // 2].mean() > v[:, :, v.shape[2] // 2:].mean())
+    for flags, globals_flip in (([], {False}), (["--train-data", "x.csv", "--model", "tiny"], {False, True})):
+        args = silc.parse_args(flags)
+        args.n_local = 2
+        transform = silc.train_transform(args, silc.model_config(args))
+        out = [transform(img, random.Random(seed)) for seed in range(12)]
+        assert {flipped(v) for views in out for v in views[:2]} == globals_flip
+        assert {flipped(v) for views in out for v in views[2:]} == {False, True}
+    sides = [w for i in range(100) for w in common.render_shapes(0, i)[1].split() if w in ("left", "right")]
+    assert len(sides) > 10                                           # why: many built-in captions name a side
 
 
 def test_local_crops_run_through_the_interpolated_position_embedding(world1):
@@ -130,6 +155,27 @@ def test_sigmoid_loss_starts_close_to_its_prior(world1):
     e = torch.eye(8)                                                     # 4 images and 4 texts, all orthogonal
     loss = silc.sigmoid_loss(e[:4], e[4:], torch.tensor(math.log(10.0)), torch.tensor(-10.0))
     assert loss.item() == pytest.approx(F.softplus(torch.tensor(10.0)).item() + 3 * F.softplus(torch.tensor(-10.0)).item())
+
+
+def test_losses_are_fp32_under_bf16_autocast(world1):
+    """The sigmoid loss, the DINO cross-entropy and the softmax loss computed under CPU bf16 autocast equal their fp32
+    values, and so do their gradients (backward outside autocast, as in train_one_step): autocast is off around the
+    loss math, where a .float() would not stop bf16 matmuls."""
+    img, txt = embeddings(16, 32, seed=2)
+    g = torch.Generator().manual_seed(4)
+    student, raw, center = (torch.randn(*shape, generator=g) for shape in ((3, 16, 64), (2, 16, 64), (1, 64)))
+
+    def losses(autocast):
+        leaves = [x.clone().requires_grad_() for x in (img, txt, student, torch.tensor(math.log(10.0)),
+                                                       torch.tensor(-10.0))]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = [silc.sigmoid_loss(leaves[0], leaves[1], leaves[3], leaves[4]),
+                   sum(silc.contrastive_loss(leaves[0], leaves[1], leaves[3])) / 2,
+                   silc.dino_loss(leaves[2], silc.teacher_probs(raw, center, 0.04), 0.1)]
+        return out + list(torch.autograd.grad(sum(out), leaves))
+    for mine, ref in zip(losses(True), losses(False)):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("flags", [[], ["--loss", "sigmoid"]])
@@ -220,6 +266,41 @@ def test_teacher_temperature_warms_up_over_the_lr_warm_up(world1, monkeypatch):
     assert taus[-1] == pytest.approx(0.055)
 
 
+def _image_text_files(tmp_path, n_csv=16, n_tar=24):
+    """Built-in shapes as a CSV of PNG files (n_csv rows) and as one tar shard (n_tar samples)."""
+    rows = ["filepath\ttitle"]
+    with tarfile.open(tmp_path / "0.tar", "w") as tar:
+        for i in range(max(n_csv, n_tar)):
+            img, caption = common.render_shapes(3, i)[:2]
+            buf = io.BytesIO()
+            img.save(buf, "PNG")
+            if i < n_csv:
+                (tmp_path / f"{i}.png").write_bytes(buf.getvalue())
+                rows.append(f"{tmp_path / f'{i}.png'}\t{caption}")
+            for ext, data in (("png", buf.getvalue()), ("txt", caption.encode())) if i < n_tar else ():
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    return str(tmp_path / "data.csv"), str(tmp_path / "0.tar")
+
+
+def test_teacher_temperature_warm_up_is_the_lr_warm_up_for_every_data_source(tmp_path, monkeypatch):
+    """The real loop on the built-in data and a CSV (2 steps per epoch) and tar shards (3 steps per epoch): in every
+    step τ_t's warm-up length is the learning rate's, --warmup-epochs × steps per epoch."""
+    csv, tar = _image_text_files(tmp_path)
+    seen = {"lr": set(), "tau": set()}
+    lr_at, temperature = silc.lr_at, silc.teacher_temperature
+    monkeypatch.setattr(silc, "lr_at", lambda step, total, n, *a: seen["lr"].add(n) or lr_at(step, total, n, *a))
+    monkeypatch.setattr(silc, "teacher_temperature", lambda step, n, *a: seen["tau"].add(n) or temperature(step, n, *a))
+    monkeypatch.setattr(silc, "evaluate", lambda *a: {})
+    for name, flags, warmup in (("builtin", [], 3), ("csv", ["--train-data", csv], 3),
+                                ("tar", ["--train-data", tar, "--train-num-samples", "24"], 4)):
+        seen["lr"].clear(), seen["tau"].clear()
+        silc.main([*TINY, *flags, "--steps", "1", "--warmup-epochs", "1.5", "--out-dir", str(tmp_path / name)])
+        assert seen["lr"] == seen["tau"] == {warmup}, name
+
+
 def test_losses_and_a_step_run_without_a_process_group():
     """The losses, the centre update and a whole forward with the teacher in a plain program (no
     init_process_group), with SILC and Teacher built from keywords as a copy in another program would."""
@@ -284,6 +365,37 @@ def test_map_and_gap_teachers_copy_their_pooling(world1):
         torch.testing.assert_close(silc.pooled_embedding(teacher, g), model.encode_image(g))
 
 
+def one_step_setup(model, args):
+    """A DDP wrapper, AdamW, a disabled scaler and one batch of views for train_one_step."""
+    g, local, texts = views()
+    batch = ((*g.view(2, 4, 3, 32, 32), *local.view(2, 4, 3, 16, 16)), texts, torch.zeros(4))
+    return (torch.nn.parallel.DistributedDataParallel(model), silc.make_optimizer(model, args, torch.device("cpu")),
+            torch.amp.GradScaler("cpu", enabled=False), batch)
+
+
+@pytest.mark.parametrize("pool", ["map", "gap"])
+def test_map_and_gap_towers_have_no_cls_token_and_train_and_evaluate(world1, pool):
+    """big_vision adds a [CLS] token only for `tok` pooling: with map or gap the image towers (student and teacher)
+    have no class_embedding or ln_pre and grid² position rows; they train a step, evaluate (map) and reload."""
+    model, teacher, args = small_model("--pool", pool)
+    assert not [k for k in [*model.state_dict(), *teacher.state_dict()] if "class_embedding" in k or "ln_pre" in k]
+    assert model.visual.n_cls == 0 and model.visual.positional_embedding.shape == (16, 128)
+    g, local, _ = views()
+    assert model.visual(g).shape == (8, 16, 128) and teacher.visual(local).shape == (8, 4, 128)
+    ddp, optimizer, scaler, batch = one_step_setup(model, args)
+    cpu = torch.device("cpu")
+    metrics = silc.train_one_step(ddp, model, teacher, batch, optimizer, scaler, 0, silc.Schedule(10, 0, 10), args, cpu)
+    assert torch.isfinite(metrics["loss"]) and torch.isfinite(metrics["loss_sd"])
+    model.eval()
+    if pool == "map":  # the whole evaluation once (a few seconds); it reads the towers as eval_towers does
+        results = silc.evaluate(model, teacher, args, cpu)
+        assert set(results) == {f"{t}/{m}" for t in ("online", "ema") for m in ("top1", "top5", "miou")}
+        assert all(math.isfinite(v) for v in results.values())
+    towers = silc.eval_towers(checkpoint_of(model, teacher, args))
+    torch.testing.assert_close(towers["ema"].encode_dense(g), silc.dense_embedding(teacher, g))
+    torch.testing.assert_close(towers["online"].encode_image(g), model.encode_image(g))
+
+
 def test_prototypes_are_unit_rows_and_can_be_frozen(world1):
     model, _, _ = small_model()
     head = model.dino_head
@@ -297,13 +409,47 @@ def test_prototypes_are_unit_rows_and_can_be_frozen(world1):
     assert torch.count_nonzero(head.prototypes.grad) == 0 and torch.count_nonzero(head.mlp[0].weight.grad) > 0
 
 
+def test_frozen_prototypes_get_no_adamw_update(world1):
+    """--freeze-last-layer-steps: at the optimizer step the prototypes' gradient is None (DINO's
+    cancel_gradients_last_layer), so with weight decay > 0 they stay bit-identical and AdamW keeps no moments."""
+    model, teacher, args = small_model("--freeze-last-layer-steps", "1")
+    ddp, optimizer, scaler, batch = one_step_setup(model, args)
+    protos, mlp = model.dino_head.prototypes, model.dino_head.mlp[0].weight
+    before, mlp_before = protos.detach().clone(), mlp.detach().clone()
+    assert args.wd > 0 and any(protos is p for p in optimizer.param_groups[0]["params"])   # decayed when trained
+    sched, cpu = silc.Schedule(10, 0, 10), torch.device("cpu")
+    silc.train_one_step(ddp, model, teacher, batch, optimizer, scaler, 0, sched, args, cpu)
+    assert torch.equal(protos, before) and protos not in optimizer.state and not torch.equal(mlp, mlp_before)
+    silc.train_one_step(ddp, model, teacher, batch, optimizer, scaler, 1, sched, args, cpu)   # not frozen
+    assert not torch.equal(protos, before) and optimizer.state[protos]["step"] == 1
+
+
+def test_map_head_matches_big_vision(world1):
+    """MAPHead as big_vision's: y = a + MlpBlock(LN(a)), a = MHA(probe, x), with tanh-GELU, LayerNorm eps 1e-6,
+    Xavier-uniform kernels and normal(1e-6) MLP biases (zero attention biases)."""
+    torch.manual_seed(0)
+    head, x = silc.MAPHead(64, 4), torch.randn(3, 5, 64)
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    mha.load_state_dict({k: v for k, v in head.state_dict().items() if k.startswith(("in_proj", "out_proj"))})
+    a = mha(head.probe.expand(3, 1, 64), x, x, need_weights=False)[0]
+    m = head.mlp
+    hidden = F.gelu(F.linear(F.layer_norm(a, (64,), head.ln.weight, head.ln.bias, 1e-6), m.c_fc.weight, m.c_fc.bias),
+                    approximate="tanh")
+    torch.testing.assert_close(head(x), (a + F.linear(hidden, m.c_proj.weight, m.c_proj.bias))[:, 0])
+    for w in (*head.in_proj_weight.view(3, 64, 64), head.out_proj.weight, m.c_fc.weight, m.c_proj.weight):
+        bound = math.sqrt(6 / sum(w.shape))                              # Xavier-uniform: U(-bound, bound)
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert 0 < m.c_fc.bias.abs().max() < 1e-5 and 0 < m.c_proj.bias.abs().max() < 1e-5
+    assert not head.in_proj_bias.any() and not head.out_proj.bias.any()
+
+
 @pytest.mark.parametrize("pool,readout", [("cls", "proj"), ("gap", "proj"), ("map", "proj"), ("map", "map_value")])
 def test_dense_features(world1, pool, readout):
     model, _, _ = small_model("--pool", pool, "--seg-readout", readout)
     g, _, _ = views()
     dense = model.encode_dense(g)
     assert dense.shape == (8, 16, 128)                                   # (B, N, E), N = (32 / 8)²
-    tokens = model.visual.ln_post(model.visual(g)[:, 1:])
+    tokens = model.visual.ln_post(model.visual(g)[:, model.visual.n_cls:])   # no [CLS] with map and gap
     if pool == "cls":
         torch.testing.assert_close(dense, silc.CLIP.encode_dense(model, g))   # the shared CLIP readout
     elif pool == "gap":

@@ -133,6 +133,10 @@ def test_bomb_in_a_csv_is_skipped(tmp_path, monkeypatch):
     loader = common.TrainLoader(ds, 3, 0, 1, seed=0, num_workers=0)
     with pytest.warns(DataWarning):
         assert sum(int(b[2].sum()) for b in loader.batches(0)) == 3  # rows 1, 2, 3 -> 2 skips at row 1, 1 at row 2
+    assert sorted(loader.take_unreadable()) == [1, 2]  # the two bad files, each once
+    with pytest.warns(DataWarning):
+        list(loader.batches(1))
+    assert loader.take_unreadable() == []  # met again in the next epoch: not new
 
 
 def test_bomb_in_a_tar_is_skipped(tmp_path, monkeypatch):
