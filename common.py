@@ -2064,6 +2064,9 @@ def open_run(args, method, cfg, world):
     path = os.path.join(args.out_dir, "checkpoint.pt")
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if getattr(args, "imagenet_val", None) and not os.path.isdir(args.imagenet_val):  # read only at evaluation
+        raise UsageError(f"--imagenet-val {args.imagenet_val} is not a folder; give an ImageNet-style val folder "
+                         f"(one subfolder per class)")
     found = [None, False]  # rank 0's [lock error, whether the checkpoint exists], broadcast
     if is_main():
         try:

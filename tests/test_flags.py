@@ -90,6 +90,8 @@ def test_range_descriptions_and_bounds():
     (["--epochs", "0"], "argument --epochs: got 0; give an integer >= 1"),
     (["--mask-ratio", "1.0"], "argument --mask-ratio: got 1.0; give a number in [0, 1)"),
     (["--mask-ratio", "0.97"], "--mask-ratio 0.97 leaves none of the 16 patches visible"),
+    (["--imagenet-val", "/nonexistent"], "--imagenet-val /nonexistent is not a folder"),
+    (["--resume", "sometimes"], "argument --resume: invalid choice: 'sometimes'"),
 ])
 def test_cli_out_of_range_is_one_line_and_writes_nothing(tmp_path, flags, words):
     out = tmp_path / "run"
