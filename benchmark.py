@@ -209,6 +209,16 @@ def parse_args(argv=None):
     return args
 
 
+def writable_folder(flag, path):
+    """Make the folder `path` of `flag`, or stop with one line saying why it cannot be used."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise common.UsageError(f"{flag} {path}: cannot make that folder ({e.strerror}); give another path") from None
+    if not os.access(path, os.W_OK):
+        raise common.UsageError(f"{flag} {path}: the folder is not writable; give another path")
+
+
 def check_args(args):
     if args.model not in common.MODELS:
         raise common.UsageError(f"--model {args.model} is not a model size; pick one of {', '.join(common.MODELS)}")
@@ -230,13 +240,7 @@ def check_args(args):
             raise common.UsageError(f"--json {args.json}: cannot write a file there; give a file path in an existing, "
                                     f"writable folder")
     if args.profile:
-        try:
-            os.makedirs(args.profile, exist_ok=True)
-        except OSError as e:
-            raise common.UsageError(f"--profile {args.profile}: cannot make that folder ({e.strerror}); give another "
-                                    f"path") from None
-        if not os.access(args.profile, os.W_OK):
-            raise common.UsageError(f"--profile {args.profile}: the folder is not writable; give another path")
+        writable_folder("--profile", args.profile)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise common.UsageError("benchmark.py runs in one process: start it with python, not torchrun")
     return [BASELINE] + [m for m in dict.fromkeys(methods) if m != BASELINE]
@@ -750,13 +754,7 @@ def quality_rows(args):
         raise common.UsageError("--device cuda was asked for but no GPU is visible; pass --device cpu")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise common.UsageError("benchmark.py runs in one process: start it with python, not torchrun")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise common.UsageError(f"--out-dir {args.out_dir}: cannot make that folder ({e.strerror}); give another "
-                                f"path") from None
-    if not os.access(args.out_dir, os.W_OK):
-        raise common.UsageError(f"--out-dir {args.out_dir}: the folder is not writable; give another path")
+    writable_folder("--out-dir", args.out_dir)
     return [BASELINE] + [m for m in dict.fromkeys(methods) if m != BASELINE]
 
 
