@@ -710,8 +710,7 @@ def report(info, results, data, peak):
 # ----------------------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUALITY_ROWS = [row for row in ROWS if row != "open_clip"]
-NAMES = {"clip": "CLIP", "maskclip": "MaskCLIP", "aclip": "A-CLIP", "aclip-eff": "A-CLIP-eff", "silc": "SILC-C",
-         "silc-sigmoid": "SILC-S", "milan": "MILAN", "maskdistill": "MaskDistill"}
+NAMES = common.STUDY_NAMES  # row -> the name in the tables
 STUDENTS = ("milan", "maskdistill")  # image-only students of the CLIP run of the same seed (--teacher)
 EMA_ROWS = ("maskclip", "aclip", "aclip-eff", "silc", "silc-sigmoid")  # checkpoints with online and EMA weights
 EVAL_TASKS = "zeroshot,knn,probe,segmentation"

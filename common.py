@@ -300,7 +300,8 @@ def _shape_polygon(shape, cx, cy, r, angle):
         return ring_pts(10, [r * 1.2, r * 0.5], -math.pi / 2)
     if shape == "cross":
         t = r * 0.38
-        pts = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t)]
+        pts = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t),
+               (t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t)]
         ca, sa = math.cos(angle), math.sin(angle)
         return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
     if shape == "heart":
@@ -1497,7 +1498,8 @@ def make_parser(description, method, kind):
     if kind == "image-text":
         g.add_argument("--train-data", help="image-text CSV/TSV, tar shards ('dir/{00000..00099}.tar', several "
                                             "sources joined by '::'); default: the built-in shapes")
-        g.add_argument("--train-num-samples", type=at_least(1), help="samples per epoch of tar shards (required for tar)")
+        g.add_argument("--train-num-samples", type=at_least(1),
+                       help="samples per epoch of tar shards (required for tar)")
         g.add_argument("--dataset-resampled", action="store_true", help="draw tar shards with replacement")
         g.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths")
         g.add_argument("--csv-caption-key", default="title",
@@ -1514,12 +1516,15 @@ def make_parser(description, method, kind):
     g.add_argument("--model", choices=list(MODELS), help="model size")
     g.add_argument("--act", choices=["quickgelu", "gelu"], help="MLP activation")
     if kind == "image-text":
-        g.add_argument("--context-length", type=at_least(2, eg=77), help="text tokens (the model size's when no default is set)")
+        g.add_argument("--context-length", type=at_least(2, eg=77),
+                       help="text tokens (the model size's when no default is set)")
     g.add_argument("--norm", choices=list(NORMS), help="pixel normalisation constants")
-    g.add_argument("--crop-scale", type=fraction(lo_open=True), help="smallest area fraction of the random training crop")
+    g.add_argument("--crop-scale", type=fraction(lo_open=True),
+                   help="smallest area fraction of the random training crop")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=at_least(1, eg=25), help="epochs")
-    g.add_argument("--steps", type=at_least(1, eg=1000), help="stop after this many steps in all (default: epochs × steps per epoch)")
+    g.add_argument("--steps", type=at_least(1, eg=1000),
+                   help="stop after this many steps in all (default: epochs × steps per epoch)")
     g.add_argument("--batch-size", type=at_least(1, eg=256), help="global batch over all ranks")
     g.add_argument("--lr", type=positive(5e-4), help="peak learning rate for the global batch (with --blr: "
                                                      "unless given, blr · batch / 256)")
@@ -1544,7 +1549,8 @@ def make_parser(description, method, kind):
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
     g.add_argument("--log-every", type=at_least(1, eg=20), default=20, help="steps between log lines (and host syncs)")
     g.add_argument("--eval-every", type=at_least(0, float, 1), help="epochs between evaluations (0 = only at the end)")
-    g.add_argument("--save-every", type=at_least(1, eg=1000), default=1000, help="steps between checkpoints (and at the end)")
+    g.add_argument("--save-every", type=at_least(1, eg=1000), default=1000,
+                   help="steps between checkpoints (and at the end)")
     return p
 
 
@@ -2186,6 +2192,74 @@ def export_weights(path, sd, cfg, *, norm, method, weights):
                  "image_std": list(std), "norm": norm, "method": method, "weights": weights}, path)
 
 
+def write_exports(exports, out_dir, cfg, *, norm, method):
+    """Writes each {name: OpenAI-layout state dict} to out_dir/export_<name>.pt on the main rank; {name: path}."""
+    paths = {name: os.path.join(out_dir, f"export_{name}.pt") for name in exports}
+    if is_main():
+        for name, sd in exports.items():
+            export_weights(paths[name], sd, cfg, norm=norm, method=method, weights=name)
+    return paths
+
+
+def done_message(step, skipped, results, ckpt_path, export_paths, *, method, args, images):
+    """The end-of-run lines: steps, skipped samples, the held-out numbers, where the weights are, and last how
+    the numbers compare with the committed quality study (versus_study)."""
+    line = (f"done: {step} steps" + (f", {skipped} unreadable samples skipped" if skipped else "")
+            + ". Held-out evaluation: " + ", ".join(f"{k} {v:.1f}" for k, v in results.items())
+            + f". Checkpoint: {ckpt_path}"
+            + "".join(f"; {n} weights (OpenAI layout): {p}" for n, p in export_paths.items()))
+    versus = versus_study(method, args, results, images)
+    return line + ("\n" + versus if versus else "")
+
+
+STUDY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "quality", "quality.json")
+# a script's end-of-run metric -> the quality study's (eval_zeroshot.py's names, built-in held-out set)
+STUDY_METRICS = {"online/top1": ("zeroshot_top1", "zero-shot top-1"), "student/knn_top1": ("knn_top1", "k-NN top-1"),
+                 "online/colour_miou": ("seg_colour_mIoU", "colour mIoU")}
+STUDY_NAMES = {"clip": "CLIP", "maskclip": "MaskCLIP", "aclip": "A-CLIP", "aclip-eff": "A-CLIP-eff", "silc": "SILC-C",
+               "silc-sigmoid": "SILC-S", "milan": "MILAN", "maskdistill": "MaskDistill"}
+
+
+def study_row(method, args):
+    """The quality study's row (benchmark.py's ROWS) that a run of `method` with these flags (a dict) is."""
+    if method == "maskclip" and not args.get("dist_weight") and not args.get("mlm_weight"):
+        return "clip"
+    if method == "aclip" and args.get("eff"):
+        return "aclip-eff"
+    if method == "silc" and args.get("loss") == "sigmoid":
+        return "silc-sigmoid"
+    return method
+
+
+def versus_study(method, args, results, images, path=STUDY_FILE):
+    """One line: this run's held-out numbers next to the CLIP baseline's (the students' teacher) and the same
+    row's in the committed quality study (benchmark.py --quality, README "Does it work?"), saying whether the
+    run is below, within or above the baseline's range over seeds; "" without a study file. The study's runs
+    may have seen another number of images than this one: both counts are named."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        summary, info = report["summary"], report["info"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    row, parts = study_row(method, dict(args)), []
+    for key, (metric, words) in STUDY_METRICS.items():
+        if key not in results:
+            continue
+        base = summary.get("clip", {}).get("points", [{}])[-1].get("metrics", {}).get(metric)
+        mine = summary.get(row, {}).get("points", [{}])[-1].get("metrics", {}).get(metric) if row != "clip" else None
+        if base is None:
+            continue
+        where = "below" if results[key] < base["min"] else "above" if results[key] > base["max"] else "within"
+        parts.append(f"{words} {results[key]:.1f}, {where} the CLIP baseline's {base['min']:.1f}–{base['max']:.1f}"
+                     + (f" ({STUDY_NAMES.get(row, row)} there {mine['min']:.1f}–{mine['max']:.1f})" if mine else ""))
+    if not parts:
+        return ""
+    seen = summary["clip"]["points"][-1]["images"]
+    return (f"Against the quality study (README, Does it work?; {seen:,} images per run, {len(info['seeds'])} seeds; "
+            f"this run {images:,} images): " + "; ".join(parts))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Run records: provenance, the metrics log
 # ----------------------------------------------------------------------------------------------------
@@ -2201,7 +2275,8 @@ def write_provenance(out_dir, args, world, script):
         json.dump(plain(vars(args)), f, indent=1)
     env = {"git_revision": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
            "command": " ".join(sys.argv), "python": sys.version.split()[0], "torch": torch.__version__,
-           "cuda": torch.version.cuda, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+           "cuda": torch.version.cuda,
+           "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
            "world_size": world, "host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(os.path.join(out_dir, "env.json"), "w") as f:
         json.dump(env, f, indent=1)

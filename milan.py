@@ -904,18 +904,12 @@ def train(args):
     common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model, teacher=teacher,
                            optimizer=optimizer, scaler=scaler, log=log)
     exports = export_state_dicts(model.state_dict(), teacher.state_dict() if common.trained(teacher) else None)
-    if common.is_main():
-        for name, sd in exports.items():
-            common.export_weights(os.path.join(args.out_dir, f"export_{name}.pt"), sd, cfg, norm=args.norm,
-                                  method=METHOD, weights=name)
+    paths = common.write_exports(exports, args.out_dir, cfg, norm=args.norm, method=METHOD)
     model.eval()
     results = evaluate(model, teacher, args, device)
     log.eval(step, results)
-    common.print0(f"done: {step} steps" + (f", {log.skipped_all} unreadable samples skipped" if log.skipped_all
-                                           else "") + ". Held-out evaluation: " +
-                  ", ".join(f"{k} {v:.1f}" for k, v in results.items()) + f". Checkpoint: {ckpt_path}" +
-                  "".join(f"; {n} weights (OpenAI layout): " + os.path.join(args.out_dir, f"export_{n}.pt")
-                          for n in exports))
+    common.print0(common.done_message(step, log.skipped_all, results, ckpt_path, paths, method=METHOD, args=vars(args),
+                                      images=step * args.batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -930,18 +930,12 @@ def train(args):
     common.save_checkpoint(ckpt_path, method=METHOD, cfg=cfg, args=args, step=step, model=model, teacher=teacher,
                            optimizer=optimizer, scaler=scaler, log=log)
     exports = export_state_dicts(model.state_dict(), teacher.state_dict() if common.trained(teacher) else None)
-    if common.is_main():
-        for name, sd in exports.items():
-            common.export_weights(os.path.join(args.out_dir, f"export_{name}.pt"), sd, cfg, norm=args.norm,
-                                  method=METHOD, weights=name)
+    paths = common.write_exports(exports, args.out_dir, cfg, norm=args.norm, method=METHOD)
     model.eval()
     results = evaluate(model, teacher, args, device)
     log.eval(step, results)
-    common.print0(f"done: {step} steps" + (f", {log.skipped_all} unreadable samples skipped" if log.skipped_all
-                                           else "") + ". Held-out evaluation: " +
-                  ", ".join(f"{k} {v:.1f}" for k, v in results.items()) + f". Checkpoint: {ckpt_path}" +
-                  "".join(f"; {n} weights (OpenAI layout): " + os.path.join(args.out_dir, f"export_{n}.pt")
-                          for n in exports))
+    common.print0(common.done_message(step, log.skipped_all, results, ckpt_path, paths, method=METHOD, args=vars(args),
+                                      images=step * args.batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -977,7 +971,7 @@ def eval_towers(ckpt):
 @torch.no_grad()
 def evaluate(model, teacher, args, device):
     """Zero-shot top-1/top-5 of the online and the EMA towers on the held-out set and, on the built-in data,
-    their zero-shot segmentation mIoU on 512 held-out images."""
+    their zero-shot segmentation colour mIoU on 512 held-out images (common.shapes_segmentation_scores)."""
     towers = {"online": model}
     if teacher is not None:
         towers["ema"] = teacher
@@ -993,9 +987,9 @@ def evaluate(model, teacher, args, device):
         seg_classifier = common.shapes_segmentation_classifier(model.encode_text, args.context_length, device,
                                                                None if args.imagenet_val else classifier)
         for name, tower in towers.items():
-            results[f"{name}/miou"] = common.shapes_segmentation(
+            results[f"{name}/colour_miou"] = common.shapes_segmentation(   # at 64 px, as eval_zeroshot.py
                 lambda x, t=tower: dense_embedding(t, x, args.seg_readout), seg_classifier, image_size=size,
-                patch_size=patch, norm=args.norm, device=device)
+                patch_size=patch, norm=args.norm, device=device, seg_size=max(64, size), scores=True)["seg_colour_mIoU"]
     return results
 
 

@@ -342,7 +342,8 @@ def test_total_loss_parts_against_naive_and_gradient_routing(world1):
     batch = loader_batch(args)
     torch.manual_seed(4)
     loss, m = aclip.train_step(model, model, teacher, batch, 0, SCHED, args, torch.device("cpu"))
-    torch.testing.assert_close(loss, 0.3 * m["loss_itc1"] + 0.7 * m["loss_itc2"] + 1.5 * m["loss_ssl"] + 2.5 * m["loss_o2e"])
+    torch.testing.assert_close(loss, 0.3 * m["loss_itc1"] + 0.7 * m["loss_itc2"] + 1.5 * m["loss_ssl"]
+                               + 2.5 * m["loss_o2e"])
     # recompute every part by hand from the same kept tokens
     (online, boxes, ema), texts, _ = batch
     with torch.no_grad():
@@ -374,7 +375,8 @@ def test_total_loss_parts_against_naive_and_gradient_routing(world1):
     names = {id(p): n for n, p in model.named_parameters()}
     opt = aclip.make_optimizer(model, args, torch.device("cpu"))
     assert "visual.conv1.weight" not in {names[id(p)] for g in opt.param_groups for p in g["params"]}
-    assert {"logit_scale", "visual.ln_pre.weight", "image_mlp.1.weight"} <= {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert {"logit_scale", "visual.ln_pre.weight", "image_mlp.1.weight"} <= \
+        {names[id(p)] for p in opt.param_groups[1]["params"]}
     assert {"visual.class_embedding", "visual.positional_embedding", "token_embedding.weight"} <= \
         {names[id(p)] for p in opt.param_groups[0]["params"]}
 
@@ -400,7 +402,8 @@ def test_ssl_losses_only_on_their_paths(world1):
     assert x.grad[:4].abs().sum() > 0 and x.grad[4:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("flags", [["--mask", "random"], ["--mask", "none", "--views", "1", "--loss-weights", "1", "0", "0", "0"],
+@pytest.mark.parametrize("flags", [["--mask", "random"],
+                                   ["--mask", "none", "--views", "1", "--loss-weights", "1", "0", "0", "0"],
                                    ["--views", "1", "--loss-weights", "1", "0", "0", "2"],
                                    ["--simclr-views", "v1_v1", "--no-three-crop-fix", "--photo-aug", "aclip"],
                                    ["--score-layers", "last", "--attentive-keep", "least", "--no-keep-extra-block"],
@@ -459,7 +462,8 @@ def _step_on_slice(rank, world, batch, vectors):
     a, c = (v[sl].clone().requires_grad_() for v in vectors)
     ssl = aclip.simclr_loss(a, c, 0.1)
     ssl.backward()
-    return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    return {"loss": loss.detach(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             "bn": sorted({type(m).__name__ for m in model.modules() if "BatchNorm" in type(m).__name__}),
             "ssl": ssl.detach(), "ssl_grads": (a.grad, c.grad),
             "running_var": model.image_mlp[1].running_var.clone()}

@@ -53,8 +53,10 @@ def naive_clip_losses(img, txt, scale):
     n = img.shape[0]
     li = lt = 0.0
     for i in range(n):
-        li = li - torch.log(torch.exp(scale * img[i] @ txt[i]) / sum(torch.exp(scale * img[i] @ txt[j]) for j in range(n)))
-        lt = lt - torch.log(torch.exp(scale * txt[i] @ img[i]) / sum(torch.exp(scale * txt[i] @ img[j]) for j in range(n)))
+        li = li - torch.log(torch.exp(scale * img[i] @ txt[i])
+                            / sum(torch.exp(scale * img[i] @ txt[j]) for j in range(n)))
+        lt = lt - torch.log(torch.exp(scale * txt[i] @ img[i])
+                            / sum(torch.exp(scale * txt[i] @ img[j]) for j in range(n)))
     return li / n, lt / n
 
 
@@ -186,7 +188,8 @@ def test_eot_pooling_uses_the_unmasked_caption(world1):
     mlm_input, _, _ = maskclip.mlm_masking(texts, 0.5)
     pooled = model.encode_text(texts)
     x = model.text_tokens(texts)
-    torch.testing.assert_close(pooled, x[torch.arange(4), (texts == common.EOT_ID).int().argmax(1)] @ model.text_projection)
+    torch.testing.assert_close(pooled,
+                               x[torch.arange(4), (texts == common.EOT_ID).int().argmax(1)] @ model.text_projection)
     assert (mlm_input.argmax(-1) == texts.argmax(-1)).all()  # [MASK] is -1 < EOT: argmax still finds EOT
 
 
@@ -208,9 +211,11 @@ def test_teacher_starts_equal_gets_no_grad_and_ema_update_is_exact(world1):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     teacher.update(model, 0.9)
     for name, p in list(model.visual.named_parameters()):
-        torch.testing.assert_close(teacher.state_dict()["visual." + name], 0.9 * before["visual." + name] + 0.1 * p.detach())
+        torch.testing.assert_close(teacher.state_dict()["visual." + name],
+                                   0.9 * before["visual." + name] + 0.1 * p.detach())
     for name, p in list(model.quantizer.named_parameters()):
-        torch.testing.assert_close(teacher.state_dict()["quantizer." + name], 0.9 * before["quantizer." + name] + 0.1 * p.detach())
+        torch.testing.assert_close(teacher.state_dict()["quantizer." + name],
+                                   0.9 * before["quantizer." + name] + 0.1 * p.detach())
 
 
 def test_teacher_sees_the_full_image_and_targets_masked_positions(world1):
@@ -238,7 +243,8 @@ def test_gradient_routing(world1):
     dist_loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert {"visual.conv1.weight", "decoder_embed.weight", "mask_token", "quantizer.codewords"} <= grads
-    assert not any(n.startswith(("transformer.", "token_embedding", "text_", "ln_final", "mlm_", "vocab")) for n in grads)
+    assert not any(n.startswith(("transformer.", "token_embedding", "text_", "ln_final", "mlm_", "vocab"))
+                   for n in grads)
     model.zero_grad()
     mlm_input, positions, targets = maskclip.mlm_masking(texts, 0.2)
     maskclip.mlm_loss(model.mlm_logits(mlm_input, positions), targets).backward()
@@ -348,7 +354,8 @@ def _grads_one_step(rank, world, full_images, full_texts, keep, mlm_masked_flat,
                         teacher_probs=teacher.targets(images, masked_patches),
                         mlm_input=mlm_input[sl], mlm_positions=positions, mlm_targets=texts.flatten()[positions])
     loss.backward()
-    return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    return {"loss": loss.detach(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             "center": teacher.center.clone()}
 
 

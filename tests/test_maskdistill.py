@@ -231,7 +231,8 @@ def test_relative_position_bias_matches_a_naive_index_and_is_shared(world1, teac
     model, _, _ = small(teacher_file)
     assert sum(isinstance(m, md.RelativePositionBias) for m in model.modules()) == 1
     assert model.rel_pos_bias.table.shape == (7 * 7 + 3, 2) and (model.rel_pos_bias.table == 0).all()
-    assert not hasattr(model, "pos_embed") and not any("pos" in n and "rel_pos" not in n for n, _ in model.named_parameters())
+    assert not hasattr(model, "pos_embed") and \
+        not any("pos" in n and "rel_pos" not in n for n, _ in model.named_parameters())
 
 
 def test_attention_matches_naive_with_q_v_biases_and_relative_bias():
@@ -255,7 +256,8 @@ def test_attention_matches_naive_with_q_v_biases_and_relative_bias():
 def test_init_layer_scale_and_residual_rescaling(world1, teacher_file):
     model, _, args = small(teacher_file, "--model", "ViT-S/16", "--num-mask-patches", "75")
     for block in model.blocks:
-        assert torch.equal(block.gamma_1, torch.full((384,), 0.1)) and torch.equal(block.gamma_2, torch.full((384,), 0.1))
+        assert torch.equal(block.gamma_1, torch.full((384,), 0.1)) and \
+            torch.equal(block.gamma_2, torch.full((384,), 0.1))
         assert block.attn.qkv.bias is None and (block.attn.q_bias == 0).all() and (block.attn.v_bias == 0).all()
         assert block.norm1.eps == 1e-6
     # trunc-normal(0.02) cut at ±0.02 has std 0.02·0.5399…; block l's residual outputs are divided by sqrt(2l)
@@ -281,7 +283,8 @@ def test_no_weight_decay_groups(world1, teacher_file):
     no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
     assert {"cls_token", "blocks.0.gamma_1", "blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "blocks.0.norm1.weight",
             "head.bias", "patch_embed.bias"} <= no_decay
-    assert {"mask_token", "rel_pos_bias.table", "patch_embed.weight", "blocks.0.attn.qkv.weight", "head.weight"} <= decay
+    assert {"mask_token", "rel_pos_bias.table", "patch_embed.weight", "blocks.0.attn.qkv.weight",
+            "head.weight"} <= decay
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -347,7 +350,8 @@ def test_model_loss_covers_masked_patches_only_forward_and_gradients(world1, tea
     assert not torch.allclose(model(x, masked, md.gather_tokens(changed, masked))[0], loss)
 
 
-@pytest.mark.parametrize("flags", [["--loss", "mse", "--target-norm", "none"], ["--loss", "cosine", "--mask-type", "random"],
+@pytest.mark.parametrize("flags", [["--loss", "mse", "--target-norm", "none"],
+                                   ["--loss", "cosine", "--mask-type", "random"],
                                    ["--teacher-output", "pre_ln_post", "--drop-path", "0.1", "--grad-checkpointing"],
                                    ["--teacher-output", "ln_post", "--layer-scale-init", "0"]])
 def test_variant_flags_run(world1, teacher_file, flags):
@@ -405,7 +409,8 @@ def test_teacher_from_an_openai_layout_file(world1, tmp_path, layout):
     # open_clip files, the recorded one (ImageNet here) for our exports
     t_mean, t_std = common.NORMS["imagenet" if layout == "export" else "clip"]
     x = images(2)
-    pixels = x * torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
+    pixels = x * torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1) + \
+        torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
     pixels = (pixels - torch.tensor(t_mean).view(1, 3, 1, 1)) / torch.tensor(t_std).view(1, 3, 1, 1)
     torch.testing.assert_close(teacher.pixels(x), pixels)
     with torch.no_grad():

@@ -551,8 +551,9 @@ def test_cli_resnet_clip_teacher_fails_in_maskdistills_one_line_and_writes_nothi
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
         errors[script] = proc.stderr.strip()
     assert errors["milan.py"] == errors["maskdistill.py"]
-    assert errors["milan.py"].startswith(f"error: --teacher: {tmp_path / 'rn.pt'} lacks ['visual.positional_embedding', "
-                                         f"'visual.proj'], so it is not a CLIP ViT image tower")
+    assert errors["milan.py"].startswith(f"error: --teacher: {tmp_path / 'rn.pt'} lacks "
+                                         f"['visual.positional_embedding', 'visual.proj'], "
+                                         f"so it is not a CLIP ViT image tower")
     assert errors["milan.py"].endswith(milan.TEACHER_HOWTO)
     assert os.listdir(out) == ["args.json"] and (out / "args.json").read_text() == "an earlier run's"
 

@@ -97,6 +97,21 @@ def test_study_writes_every_row_seed_metric_and_verdict(tmp_path, in_process, ca
     else:
         assert "matplotlib" in report["plots_note"] and "matplotlib" in md
     assert "results:" in capsys.readouterr().out
+    # the scripts' last line reads such a file: the CLIP baseline's range, the run's row, where the run stands
+    study = str(out / "quality.json")
+    clip = report["summary"]["clip"]["points"][-1]["metrics"]
+    line = common.versus_study("maskclip", {"dist_weight": 0.0, "mlm_weight": 0.0},
+                               {"online/top1": clip["zeroshot_top1"]["max"] + 1, "online/top5": 0.0}, 99, path=study)
+    assert f"zero-shot top-1 {clip['zeroshot_top1']['max'] + 1:.1f}, above the CLIP baseline's " in line
+    assert "this run 99 images" in line and "16 images per run, 2 seeds" in line and "there" not in line
+    line = common.versus_study("milan", {}, {"student/knn_top1": clip["knn_top1"]["min"] - 1}, 5, path=study)
+    milan = report["summary"]["milan"]["points"][-1]["metrics"]["knn_top1"]
+    assert f"below the CLIP baseline's {clip['knn_top1']['min']:.1f}–{clip['knn_top1']['max']:.1f} " in line
+    assert f"(MILAN there {milan['min']:.1f}–{milan['max']:.1f})" in line
+    line = common.versus_study("silc", {"loss": "sigmoid"}, {"online/colour_miou": clip["seg_colour_mIoU"]["min"]},
+                               5, path=study)
+    assert "colour mIoU" in line and "within the CLIP baseline's" in line and "(SILC-S there " in line
+    assert common.versus_study("aclip", {}, {"online/top1": 1.0}, 5, path=str(tmp_path / "none.json")) == ""
     # run again: every finished run is reused, only the untrained model is evaluated anew
     in_process.clear()
     benchmark.main(TINY + ["--out-dir", str(out)])
@@ -184,3 +199,10 @@ def test_quality_real_command_line(tmp_path):
     report = json.loads((out / "quality.json").read_text())
     assert list(report["rows"]) == ["clip"] and (out / "quality.md").is_file()
     assert (out / "clip" / "seed0" / "export_online.pt").is_file()
+
+
+@pytest.mark.parametrize("row", benchmark.QUALITY_ROWS)
+def test_study_row_of_each_rows_flags(row):
+    """A script's last line finds its row of the study from its own flags: the rows' command lines map back."""
+    mod, margs = benchmark.script_args(row, benchmark.parse_args(["--batch-size", "8"]), "teacher.pt")
+    assert common.study_row(mod.METHOD, vars(margs)) == row

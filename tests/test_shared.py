@@ -98,7 +98,8 @@ def test_help_shows_the_defaults_that_apply(script):
         text = " ".join(proc.stdout.split())
         assert "(default: None)" not in text
         for key in ("lr", "batch_size", "epochs", "model"):
-            assert f"(default: {table[key]})" in text, f"{script}.py {' '.join(extra)} --help: --{key} does not show {table[key]}"
+            assert f"(default: {table[key]})" in text, \
+                f"{script}.py {' '.join(extra)} --help: --{key} does not show {table[key]}"
 
 
 HOOKS = {"add_method_args": ["p"], "build_model": ["cfg", "args"], "train_transform": ["args", "cfg"],

@@ -50,7 +50,8 @@ def test_multicrop_counts_shapes_scales_and_determinism(monkeypatch):
     assert silc.local_crop_size(big, silc.model_config(big)) == 96    # DINO's 96 px at 224/16
     calls = []
     real = common.crop_box
-    monkeypatch.setattr(common, "crop_box", lambda rng, w, h, scale: calls.append(tuple(scale)) or real(rng, w, h, scale))
+    monkeypatch.setattr(common, "crop_box",
+                        lambda rng, w, h, scale: calls.append(tuple(scale)) or real(rng, w, h, scale))
     args.n_local = 8
     transform = silc.train_transform(args, cfg)
     img = common.render_shapes(0, 3)[0]
@@ -123,8 +124,10 @@ def naive_softmax(img, txt, t):
     n = img.shape[0]
     total = 0.0
     for i in range(n):
-        total = total - torch.log(torch.exp(t * img[i] @ txt[i]) / sum(torch.exp(t * img[i] @ txt[j]) for j in range(n)))
-        total = total - torch.log(torch.exp(t * img[i] @ txt[i]) / sum(torch.exp(t * img[j] @ txt[i]) for j in range(n)))
+        total = total - torch.log(torch.exp(t * img[i] @ txt[i])
+                                  / sum(torch.exp(t * img[i] @ txt[j]) for j in range(n)))
+        total = total - torch.log(torch.exp(t * img[i] @ txt[i])
+                                  / sum(torch.exp(t * img[j] @ txt[i]) for j in range(n)))
     return total / (2 * n)
 
 
@@ -143,7 +146,8 @@ def test_contrastive_losses_match_naive_forward_and_backward(world1, kind):
         loss = silc.sigmoid_loss(img, txt, t, b)
     loss.backward()
     leaves = [x.detach().clone().requires_grad_() for x in (img, txt, t, b)]
-    ref = naive_softmax(*leaves[:2], leaves[2].exp()) if kind == "softmax" else naive_sigmoid(leaves[0], leaves[1], leaves[2].exp(), leaves[3])
+    ref = naive_softmax(*leaves[:2], leaves[2].exp()) if kind == "softmax" else \
+        naive_sigmoid(leaves[0], leaves[1], leaves[2].exp(), leaves[3])
     ref.backward()
     torch.testing.assert_close(loss, ref)
     for mine, theirs in zip((img, txt, t) + ((b,) if kind == "sigmoid" else ()), leaves):
@@ -154,7 +158,8 @@ def test_sigmoid_loss_starts_close_to_its_prior(world1):
     """t = 10, b = -10, orthogonal embeddings: each positive costs softplus(10) ≈ 10, each negative softplus(-10)."""
     e = torch.eye(8)                                                     # 4 images and 4 texts, all orthogonal
     loss = silc.sigmoid_loss(e[:4], e[4:], torch.tensor(math.log(10.0)), torch.tensor(-10.0))
-    assert loss.item() == pytest.approx(F.softplus(torch.tensor(10.0)).item() + 3 * F.softplus(torch.tensor(-10.0)).item())
+    assert loss.item() == pytest.approx(F.softplus(torch.tensor(10.0)).item()
+                                        + 3 * F.softplus(torch.tensor(-10.0)).item())
 
 
 def test_losses_are_fp32_under_bf16_autocast(world1):
@@ -238,7 +243,8 @@ def test_teacher_targets_centring_and_temperature_schedule_match_naive(world1):
         # the model's L_sd on these targets equals the naive loop over the 2 × n_local (teacher, student) pairs
         loss, metrics = model(g, texts, local, teacher_probs=probs)
         student = model.dino_head(model.encode_image(local)).view(2, 4, 16)
-        torch.testing.assert_close(metrics["loss_sd"], naive_dino(list(student), list(raw.view(2, 4, 16)), c, 0.1, tau_t, False))
+        torch.testing.assert_close(metrics["loss_sd"],
+                                   naive_dino(list(student), list(raw.view(2, 4, 16)), c, 0.1, tau_t, False))
         torch.testing.assert_close(loss, metrics["loss_con"] + metrics["loss_sd"])
         c = 0.8 * c + 0.2 * raw.mean(0, keepdim=True)                        # from the raw logits
         torch.testing.assert_close(teacher.center, c)
@@ -544,7 +550,8 @@ def _one_step(rank, world, emb_img, emb_txt, global_crops, local_crops, texts):
     for kind in ("softmax", "sigmoid"):
         img, txt = emb_img[sl].clone().requires_grad_(), emb_txt[sl].clone().requires_grad_()
         t, bias = torch.tensor(math.log(10.0), requires_grad=True), torch.tensor(-10.0, requires_grad=True)
-        loss = sum(silc.contrastive_loss(img, txt, t)) / 2 if kind == "softmax" else silc.sigmoid_loss(img, txt, t, bias)
+        loss = sum(silc.contrastive_loss(img, txt, t)) / 2 if kind == "softmax" else \
+            silc.sigmoid_loss(img, txt, t, bias)
         loss.backward()
         out[kind] = {"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "t": t.grad, "b": bias.grad}
     n = texts.shape[0] // world
@@ -574,8 +581,10 @@ def test_two_gloo_processes_match_one_process_and_the_naive_losses(tmp_path):
     # (1) the contrastive losses against the naive full-batch loss: the ranks' mean loss, and the gradients once
     # DDP averages them (each rank's own rows; t and b averaged over the ranks)
     for kind in ("softmax", "sigmoid"):
-        leaves = [x.clone().requires_grad_() for x in (emb_img, emb_txt, torch.tensor(math.log(10.0)), torch.tensor(-10.0))]
-        ref = naive_softmax(*leaves[:2], leaves[2].exp()) if kind == "softmax" else naive_sigmoid(leaves[0], leaves[1], leaves[2].exp(), leaves[3])
+        leaves = [x.clone().requires_grad_()
+                  for x in (emb_img, emb_txt, torch.tensor(math.log(10.0)), torch.tensor(-10.0))]
+        ref = naive_softmax(*leaves[:2], leaves[2].exp()) if kind == "softmax" else \
+            naive_sigmoid(leaves[0], leaves[1], leaves[2].exp(), leaves[3])
         ref.backward()
         for runs in (one, two):
             w = len(runs)
@@ -589,7 +598,8 @@ def test_two_gloo_processes_match_one_process_and_the_naive_losses(tmp_path):
     for flags in ((), ("--loss", "sigmoid", "--distill-global-cross")):
         ref = one[0][flags]
         assert set(ref["grads"]) == ref["params"]                        # every trained parameter gets a gradient
-        torch.testing.assert_close((two[0][flags]["loss"] + two[1][flags]["loss"]) / 2, ref["loss"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close((two[0][flags]["loss"] + two[1][flags]["loss"]) / 2, ref["loss"],
+                                   rtol=1e-5, atol=1e-5)
         for r in two:
             torch.testing.assert_close(r[flags]["center"], ref["center"])
             for name, grad in ref["grads"].items():
@@ -605,7 +615,7 @@ def test_cli_smoke_run_exports_and_eval_towers(tmp_path):
         assert (out / name).exists(), name
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2] and "loss_sd" in records[0]
-    assert {"online/top1", "ema/top1", "online/miou", "ema/miou"} <= set(records[-1]["eval"])
+    assert {"online/top1", "ema/top1", "online/colour_miou", "ema/colour_miou"} <= set(records[-1]["eval"])
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     towers = silc.eval_towers(ckpt)
     clip, _ = common.load_clip(str(out / "export_ema.pt"), silc.CLIP, silc.VisionTransformer)
