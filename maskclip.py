@@ -81,7 +81,7 @@ RECIPE = dict(model="ViT-B/16", batch_size=4096, epochs=25, lr=5e-4, lr_start=1e
               csv_caption_key="title,description")
 # The built-in demo: what runs when --train-data is not given (tiny model, shapes rendered on the fly).
 DEMO = dict(model="tiny", batch_size=128, epochs=3, lr=1e-3, lr_start=1e-6, lr_end=1e-5, warmup_epochs=0.5,
-            wd=0.1, crop_scale=0.9, builtin_samples=16384, eval_every=0.0, workers=1, quant_k=32, dec_width=128,
+            wd=0.1, crop_scale=0.9, builtin_samples=13824, eval_every=0.0, workers=1, quant_k=32, dec_width=128,
             dec_heads=2, text_dec_depth=1, ema_momentum=0.99)
 
 
