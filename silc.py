@@ -45,7 +45,7 @@ choices where the paper is silent, with the source they follow:
     (--warmup-epochs 0.5 for 1.3B pairs; pass 20000·32768/N for N), 9B examples seen (275k steps), 64 text
     tokens, GELU, CLIP pixel constants;
   - zero-shot segmentation: patch tokens after ln_post through the pooled path's projection (MAP: none, or
-    --seg-readout map_value, MaskCLIP-style).
+    --seg-readout map_value, MaskCLIP-style: the readout that aligns a MAP tower's tokens in the demo's runs).
 
 Run:
     torchrun silc.py      # built-in demo, CPU, a few minutes
@@ -87,7 +87,7 @@ RECIPE = dict(model="ViT-B/16", batch_size=32768, steps=275_000, epochs=7, lr=1e
               head_hidden=2048, head_bottleneck=256, ema_momentum=0.996)
 # Without --train-data: the built-in demo (tiny model, shapes rendered on the fly, length set by epochs).
 DEMO = dict(model="tiny", batch_size=128, steps=None, epochs=3, lr=1e-3, lr_start=1e-6, lr_end=1e-5,
-            warmup_epochs=0.5, wd=0.1, crop_scale=0.4, builtin_samples=11264, eval_every=0.0, workers=1, n_local=4,
+            warmup_epochs=0.5, wd=0.1, crop_scale=0.4, builtin_samples=9728, eval_every=0.0, workers=1, n_local=4,
             out_dim=256, head_hidden=256, head_bottleneck=64, ema_momentum=0.99)
 
 

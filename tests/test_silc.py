@@ -252,11 +252,11 @@ def test_teacher_targets_centring_and_temperature_schedule_match_naive(world1):
 
 def test_teacher_temperature_warms_up_over_the_lr_warm_up(world1, monkeypatch):
     """train_step takes τ_t's warm-up length from sched.warmup (the LR warm-up's) unless
-    --warmup-teacher-temp-steps is given. For the demo that is 11264 built-in samples / 128 per batch × 0.5
-    epochs = 44 steps."""
+    --warmup-teacher-temp-steps is given. For the demo that is 9728 built-in samples / 128 per batch × 0.5
+    epochs = 38 steps."""
     demo = silc.parse_args([])
     data = common.train_loader(demo, transform=None, kind="image-text", rank=0, world_size=1)
-    assert int(demo.warmup_epochs * data.steps_per_epoch) == 44
+    assert int(demo.warmup_epochs * data.steps_per_epoch) == 38
     model, teacher, args = small_model()
     taus = []
     real = teacher.targets
