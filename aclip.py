@@ -960,13 +960,14 @@ def evaluate(model, teacher, args, device):
     towers = {"online": (model.encode_image, model.encode_text)}
     if teacher is not None:
         towers["ema"] = (teacher.encode_image, lambda text: teacher.encode_text(model, text))
-    results = {}
+    results, encoders = {}, {}
     for name, (encode_image, encode_text) in towers.items():
         classifier, loader = common.zero_shot_setup(
             encode_text, image_size=model.visual.grid * model.visual.patch_size, norm=args.norm,
             imagenet_val=args.imagenet_val, context_length=args.context_length, workers=args.workers, device=device,
             imagenet_templates=common.SIMPLE_IMAGENET_TEMPLATES)
-        top1, top5 = common.zero_shot_accuracy(encode_image, classifier, loader, device)
+        encoders[name] = (encode_image, classifier)
+    for name, (top1, top5) in common.zero_shot_accuracy(encoders, loader, device).items():
         results[f"{name}/top1"], results[f"{name}/top5"] = top1, top5
     return results
 

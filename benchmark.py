@@ -56,8 +56,8 @@ training; its rate per worker is reported separately), evaluation and checkpoint
 
 Quality study (`--quality [MINUTES]`): does each method do what its paper says, at equal cost?
     python benchmark.py --quality 90            # CPU: every row, 2 seeds, sized to end within 90 minutes
-    python benchmark.py --quality --device cuda --model ViT-S/16 --batch-size 256 --study-steps 8000 \
-        --eval-samples 2048                     # one GPU: ViT-S/16 at 224 px, 2.05M images per method and seed
+    python benchmark.py --quality 10 --device cuda --model small --batch-size 512 --points 1 \
+        --train-samples 65536 --out-dir runs/quality-gpu   # one GPU: ViT-S width at 64 px, sized to 10 minutes
 Rows: the speed rows without open_clip: clip (the baseline), maskclip, aclip, aclip-eff, silc (SILC-C),
 silc-sigmoid (SILC-S), milan, maskdistill. Each is trained --seeds times (seeds --seed, --seed + 1, ...) by its
 script's real command line, `python <script>.py ... --out-dir <out>/<row>/seed<k> --seed k`, one process at a
@@ -82,11 +82,10 @@ to end within MINUTES: the untrained models' evaluations give the seconds of one
 three steps of each row in this process (MethodRow: the script's own train_one_step), and
     steps = (budget - time spent - runs · RUN_OVERHEAD_S - evaluations · eval seconds)
             / (seeds · Σ_rows seconds per step · LOOP_FACTOR),  rounded down to a multiple of --points.
-On 2 idle CPU cores (the speed table's tiny rows sum to 2.48 s per step of batch 128 over the 8 rows) with 2
-seeds, 3 points and 1024 evaluation images, 90 minutes come to about 660 steps of batch 128: about 85k images
-per method and seed (the demo: 49k), 16 runs and 78 evaluations of about 12 s (a fifth of the time). The GPU
-command above sees 2.05M images per method and seed (24 × the CPU study); from the speed benchmark's ViT-B/16
-rows it is estimated (not measured) at 3 to 4 hours on one H200.
+On 2 idle CPU cores (the probe of the committed study: 2.99 s per step of batch 128 summed over the 8 rows) with
+2 seeds, 3 points and 1024 evaluation images, 90 minutes come to about 420 steps of batch 128: about 54k images
+per method and seed, 16 runs and 78 evaluations of about 16 s (a quarter of the time). The GPU command
+above sizes itself the same way on the card; it has not been run (see the README for its estimate).
 
 Noise and verdicts: mean and spread over seeds, spread = max - min; a difference between two rows within the
 larger of their spreads is no difference. quality.md gives one verdict per claim, "confirmed", "not seen
@@ -736,7 +735,8 @@ CLAIMS = [
      "MaskDistill student at or above its teacher on the linear probe"),
 ]
 RUN_OVERHEAD_S = 20.0  # per training run, on top of its steps: start-up, the script's end-of-run evaluation, exports
-LOOP_FACTOR = 1.25     # a training loop's time per step over the probe's (data worker, logging, checkpoints)
+LOOP_FACTOR = 1.5      # a training loop's time per step over the probe's (data worker, logging, checkpoints);
+                       # measured: the committed 60-minute study's loops ran 1.49 x its probe (2,381 s for 1,594)
 
 
 def quality_rows(args):

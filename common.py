@@ -30,6 +30,7 @@ import contextlib
 import csv
 import gzip
 import html
+import importlib
 import io
 import json
 import math
@@ -53,9 +54,23 @@ import numpy as np
 import regex
 import torch
 import torch.distributed as dist
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from tqdm import tqdm
+
+
+
+class _LazyModule:
+    """A module imported at its first use. torchvision imports torch._dynamo, about a second that every
+    start-up (and every one-line flag error) would otherwise wait for before the data is touched."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+TF = _LazyModule("torchvision.transforms.functional")  # torchvision's functional transforms
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer (OpenAI CLIP's byte-level BPE)
@@ -1386,6 +1401,9 @@ IMAGENET_CLASSNAMES = (
 MODELS = {
     "tiny": dict(image_size=32, patch_size=8, width=128, layers=4, heads=2,
                  context_length=24, text_width=128, text_layers=2, text_heads=2, embed_dim=128),
+    # the GPU quality study's size: ViT-S width at the built-in images' 64 px, patch 8 (64 patches), 6 layers
+    "small": dict(image_size=64, patch_size=8, width=384, layers=6, heads=6,
+                  context_length=24, text_width=256, text_layers=4, text_heads=4, embed_dim=256),
     "ViT-S/16": dict(image_size=224, patch_size=16, width=384, layers=12, heads=6,
                      context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
     "ViT-B/16": dict(image_size=224, patch_size=16, width=768, layers=12, heads=12,
@@ -2234,8 +2252,11 @@ def study_row(method, args):
 def versus_study(method, args, results, images, path=STUDY_FILE):
     """One line: this run's held-out numbers next to the CLIP baseline's (the students' teacher) and the same
     row's in the committed quality study (benchmark.py --quality, README "Does it work?"), saying whether the
-    run is below, within or above the baseline's range over seeds; "" without a study file. The study's runs
-    may have seen another number of images than this one: both counts are named."""
+    run is below, within or above the baseline's range over seeds; "" without a study file, and for a run on
+    its own --train-data, which the built-in study says nothing about. The study's runs may have seen another
+    number of images than this one: both counts are named."""
+    if dict(args).get("train_data"):
+        return ""
     try:
         with open(path) as f:
             report = json.load(f)
@@ -2462,30 +2483,38 @@ def zero_shot_setup(encode_text, *, image_size, norm, imagenet_val, context_leng
 
 
 @torch.no_grad()
-def zero_shot_classifier(encode_text, classnames, templates, context_length, device):
+def zero_shot_classifier(encode_text, classnames, templates, context_length, device, batch=1024):
     """(C, E) class embeddings: for each class, normalise each template's text embedding, average over the
-    templates, renormalise (OpenAI's protocol)."""
-    weights = []
-    for name in classnames:
-        tokens = tokenize([t.format(name) for t in templates], context_length).to(device)
-        emb = torch.nn.functional.normalize(encode_text(tokens).float(), dim=-1).mean(0)
-        weights.append(torch.nn.functional.normalize(emb, dim=0))
-    return torch.stack(weights)
+    templates, renormalise (OpenAI's protocol). The prompts are encoded in batches of up to `batch` prompts."""
+    classnames = list(classnames)
+    prompts = [t.format(name) for name in classnames for t in templates]              # C·T, class-major
+
+    def encode(chunk):
+        return torch.nn.functional.normalize(encode_text(tokenize(chunk, context_length).to(device)).float(), dim=-1)
+    emb = torch.cat([encode(prompts[i:i + batch]) for i in range(0, len(prompts), batch)])  # (C·T, E)
+    emb = emb.view(len(classnames), len(templates), -1).mean(1)                       # (C, E)
+    return torch.nn.functional.normalize(emb, dim=-1)
 
 
 @torch.no_grad()
-def zero_shot_accuracy(encode_image, classifier, loader, device):
-    """Top-1 and top-5 accuracy (%) over an evaluation set split across ranks; counts are all-reduced."""
-    counts = torch.zeros(3, device=device)  # correct@1, correct@5, total
+def zero_shot_accuracy(towers, loader, device):
+    """Top-1 and top-5 accuracy (%) of each tower, {name: (encode_image, (C, E) classifier)}, in one pass over
+    an evaluation set split across ranks (the images are read once for all towers); counts are all-reduced.
+    Returns {name: (top1, top5)}."""
+    counts = {name: torch.zeros(3, device=device) for name in towers}  # correct@1, correct@5, total
     for images, labels, _ in loader:
         images, labels = images.to(device), labels.to(device)
-        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):
-            logits = torch.nn.functional.normalize(encode_image(images).float(), dim=-1) @ classifier.t()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=-1).indices
-        counts += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(-1).sum(),
-                               torch.tensor(labels.numel(), device=device)]).float()
-    all_reduce(counts)
-    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+        for name, (encode_image, classifier) in towers.items():
+            with autocast(device, "bf16" if device.type == "cuda" else "fp32"):
+                logits = torch.nn.functional.normalize(encode_image(images).float(), dim=-1) @ classifier.t()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=-1).indices
+            counts[name] += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(-1).sum(),
+                                         torch.tensor(labels.numel(), device=device)]).float()
+    out = {}
+    for name, count in counts.items():
+        all_reduce(count)
+        out[name] = ((100 * count[0] / count[2]).item(), (100 * count[1] / count[2]).item())
+    return out
 
 
 @torch.no_grad()

@@ -66,7 +66,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from tqdm import tqdm
 
@@ -308,6 +307,7 @@ def check_paths(args):
 
 
 def cifar(which, root, train, transform):
+    import torchvision  # only here: importing it costs every start-up a second
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[which]
     try:
         ds = cls(root, train=train, download=False)
@@ -492,7 +492,8 @@ def class_embeddings(tower, names, templates, meta, device, desc):
 def run_zeroshot(tower, inputs, meta, args, device, desc):
     dataset, names, templates = inputs
     classifier = class_embeddings(tower, names, templates, meta, device, f"{desc} class embeddings")
-    top1, top5 = zero_shot_accuracy(tower.encode_image, classifier, bar(loader(dataset, args), desc), device)
+    top1, top5 = zero_shot_accuracy({"": (tower.encode_image, classifier)}, bar(loader(dataset, args), desc),
+                                    device)[""]
     return {"zeroshot_top1": top1, "zeroshot_top5": top5}
 
 

@@ -570,8 +570,9 @@ def train_transform(args, cfg):
 
 def no_weight_decay(name, param):
     """SLIP's rule (main.py): no decay for gains, biases and the temperature (ndim < 2, or 'bias', 'ln' or
-    'bn' in the name); the token and position embeddings are decayed."""
-    return param.ndim < 2 or any(k in name for k in ("bias", "ln", "bn"))
+    'bn' in the name), except the [CLS] embedding, which timm keeps 3-D and so decays; the token and
+    position embeddings are decayed."""
+    return (param.ndim < 2 and name != "visual.class_embedding") or any(k in name for k in ("bias", "ln", "bn"))
 
 
 def train_step(ddp, model, teacher, batch, step, sched, args, device):
@@ -833,10 +834,9 @@ def evaluate(model, teacher, args, device):
     classifier, loader = common.zero_shot_setup(
         model.encode_text, image_size=model.visual.grid * model.visual.patch_size, norm=args.norm,
         imagenet_val=args.imagenet_val, context_length=args.context_length, workers=args.workers, device=device)
-    for name, visual in towers.items():
-        def encode_image(x, visual=visual):
-            return visual.ln_post(visual(x)[:, 0]) @ model.visual.proj
-        top1, top5 = common.zero_shot_accuracy(encode_image, classifier, loader, device)
+    encoders = {name: (lambda x, v=visual: v.ln_post(v(x)[:, 0]) @ model.visual.proj, classifier)
+                for name, visual in towers.items()}
+    for name, (top1, top5) in common.zero_shot_accuracy(encoders, loader, device).items():
         results[f"{name}/top1"], results[f"{name}/top5"] = top1, top5
     return results
 

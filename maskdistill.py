@@ -64,7 +64,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -702,7 +701,7 @@ class MaskedView:
 
     def __call__(self, img, rng):
         if self.jitter > 0:  # torchvision's ColorJitter(b, c, s): the three factors, in a random order
-            ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+            ops = [common.TF.adjust_brightness, common.TF.adjust_contrast, common.TF.adjust_saturation]
             rng.shuffle(ops)
             for op in ops:
                 img = op(img, rng.uniform(max(0.0, 1 - self.jitter), 1 + self.jitter))

@@ -980,8 +980,8 @@ def evaluate(model, teacher, args, device):
         model.encode_text, image_size=size, norm=args.norm, imagenet_val=args.imagenet_val,
         context_length=args.context_length, workers=args.workers, device=device)
     results = {}
-    for name, tower in towers.items():
-        top1, top5 = common.zero_shot_accuracy(lambda x, t=tower: pooled_embedding(t, x), classifier, loader, device)
+    encoders = {name: (lambda x, t=tower: pooled_embedding(t, x), classifier) for name, tower in towers.items()}
+    for name, (top1, top5) in common.zero_shot_accuracy(encoders, loader, device).items():
         results[f"{name}/top1"], results[f"{name}/top5"] = top1, top5
     if args.train_data is None:
         seg_classifier = common.shapes_segmentation_classifier(model.encode_text, args.context_length, device,

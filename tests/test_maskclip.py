@@ -290,11 +290,13 @@ def test_no_weight_decay_groups(world1):
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
     no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
-    # SLIP's rule: ndim < 2, or 'bias' / 'ln' / 'bn' in the name; the embeddings are decayed
-    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "ln_final.bias",
+    # SLIP's rule: ndim < 2, or 'bias' / 'ln' / 'bn' in the name; the embeddings (the [CLS] one too, 3-D in timm)
+    # are decayed
+    assert {"logit_scale", "visual.ln_pre.weight", "ln_final.bias",
             "visual.transformer.resblocks.0.attn.in_proj_bias", "mask_token"} <= no_decay
     assert {"visual.conv1.weight", "visual.proj", "text_projection", "transformer.resblocks.0.mlp.c_fc.weight",
-            "token_embedding.weight", "positional_embedding", "visual.positional_embedding"} <= decay
+            "token_embedding.weight", "positional_embedding", "visual.positional_embedding",
+            "visual.class_embedding"} <= decay
     assert decay.isdisjoint(no_decay) and decay | no_decay == set(names.values())
 
 

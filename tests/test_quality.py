@@ -4,8 +4,8 @@ arithmetic, the checkpoint keeper and one-line errors on their own.
 
 The end-to-end test runs each script's and eval_zeroshot.py's main() in this process (benchmark.launch
 replaced), since sixteen training runs and thirty-four evaluations as fresh Python processes would take minutes;
-the scripts' own end-of-run evaluations are shrunk the same way (fewer held-out images). Only the study's code
-is under test there. test_quality_real_command_line runs the real command line on the CLIP row."""
+the scripts' own end-of-run evaluations, which the study does not read, are skipped, and eval_zeroshot.py's are
+shrunk (fewer held-out images, one template, two probe strengths). Only the study's code is under test there. test_quality_real_command_line runs the real command line on the CLIP row."""
 import contextlib
 import functools
 import importlib
@@ -19,6 +19,7 @@ from conftest import run_cli
 
 import benchmark
 import common
+import eval_zeroshot
 
 VERDICTS = {"confirmed", "not seen (within noise)", "reversed"}
 TINY = ["--quality", "5", "--study-steps", "2", "--points", "2", "--seeds", "2", "--batch-size", "8",
@@ -35,6 +36,14 @@ def in_process(monkeypatch):
         return torch.utils.data.Subset(ds, range(min(64, len(ds)))), names, templates
     monkeypatch.setattr(common, "eval_dataset", small_eval)
     monkeypatch.setattr(common, "shapes_segmentation", functools.partial(common.shapes_segmentation, n_images=16))
+    # and eval_zeroshot.py's cheapest settings: one prompt template per class, two L2 strengths for the probe
+    first_template = lambda fn: lambda encode, names, templates, *a, **k: fn(encode, names, templates[:1], *a, **k)
+    monkeypatch.setattr(common, "zero_shot_classifier", first_template(common.zero_shot_classifier))
+    monkeypatch.setattr(eval_zeroshot, "zero_shot_classifier", first_template(eval_zeroshot.zero_shot_classifier))
+    monkeypatch.setattr(eval_zeroshot, "linear_probe", functools.partial(eval_zeroshot.linear_probe,
+                                                                         lambdas=(1e-2, 1e-5), max_iter=50))
+    for script in ("maskclip", "aclip", "silc", "milan", "maskdistill"):  # the study reads none of the scripts'
+        monkeypatch.setattr(importlib.import_module(script), "evaluate", lambda *a, **k: {})  # own evaluations
     calls = []
 
     def launch(script, argv, log_path, env):
@@ -112,6 +121,7 @@ def test_study_writes_every_row_seed_metric_and_verdict(tmp_path, in_process, ca
                                5, path=study)
     assert "colour mIoU" in line and "within the CLIP baseline's" in line and "(SILC-S there " in line
     assert common.versus_study("aclip", {}, {"online/top1": 1.0}, 5, path=str(tmp_path / "none.json")) == ""
+    assert common.versus_study("aclip", {"train_data": "data.csv"}, {"online/top1": 1.0}, 5, path=study) == ""
     # run again: every finished run is reused, only the untrained model is evaluated anew
     in_process.clear()
     benchmark.main(TINY + ["--out-dir", str(out)])

@@ -213,6 +213,21 @@ def test_torchrun_restart_continues_from_the_checkpoint_and_ends_where_an_unbrok
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-7)
+    # SLURM's requeue: the same command continues (here from the end, so it trains nothing); another command
+    # is refused in one line and the checkpoint is left as it was
+    slurm = dict(env, SLURM_RESTART_COUNT="1")
+    again = subprocess.run([sys.executable, *args, "--out-dir", str(tmp_path / "straight")], cwd=ROOT, env=slurm,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    path = tmp_path / "straight" / "checkpoint.pt"
+    assert f"restart 1 of this job: continuing from step 7 of {path}" in again.stdout
+    saved = path.read_bytes()
+    other = subprocess.run([sys.executable, *args, "--lr", "0.002", "--out-dir", str(tmp_path / "straight")],
+                           cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and error_line(other) == (
+        f"error: {path} was saved by another command (--lr differs), so restart 1 does not continue it; pass "
+        f"--resume to continue it or --out-dir for a new run"), other.stderr[-3000:]
+    assert path.read_bytes() == saved
 
 
 # ---------------------------------------------------------------------------------------------- start-up errors

@@ -94,7 +94,7 @@ def test_help_shows_the_defaults_that_apply(script):
     for extra, table in (([], {**module.RECIPE, **module.DEMO}), (["--train-data", "x"], module.RECIPE)):
         proc = subprocess.run([sys.executable, f"{script}.py", *extra, "--help"], cwd=ROOT, capture_output=True,
                               text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 0 and "--train-data" in proc.stdout, proc.stderr
         text = " ".join(proc.stdout.split())
         assert "(default: None)" not in text
         for key in ("lr", "batch_size", "epochs", "model"):
@@ -138,14 +138,11 @@ def test_script_budget(script):
 
 
 @pytest.mark.parametrize("script", PRESENT)
-def test_import_has_no_side_effects_and_help_works(script):
+def test_import_has_no_side_effects(script):
     code = (f"import sys; sys.argv = ['x', '--bogus']; import torch.distributed as d; import {script}; "
             f"assert not d.is_initialized(); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr
-    proc = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and "--train-data" in proc.stdout
 
 
 ALLOWED = {"torch", "torchvision", "numpy", "PIL", "ftfy", "regex", "tqdm", "common"}

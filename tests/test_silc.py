@@ -603,7 +603,11 @@ def test_two_gloo_processes_match_one_process_and_the_naive_losses(tmp_path):
         for r in two:
             torch.testing.assert_close(r[flags]["center"], ref["center"])
             for name, grad in ref["grads"].items():
-                torch.testing.assert_close(r[flags]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+                # summation order differs between one and two processes: an element far below the tensor's
+                # scale may differ by more than rtol; the error is bounded relative to the tensor's largest entry
+                torch.testing.assert_close(r[flags]["grads"][name], grad, rtol=1e-4,
+                                           atol=max(1e-6, 1e-4 * grad.abs().max().item()),
+                                           msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
