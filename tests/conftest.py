@@ -29,13 +29,24 @@ def world1():
 
 def run_cli(script, *args, timeout=300, check=True):
     """Run `python <script> <args>` from the repository root on the CPU; returns the CompletedProcess."""
+    return run_clis([(script, *args)], timeout=timeout, check=check)[0]
+
+
+def run_clis(commands, timeout=300, check=True):
+    """Run independent commands [(script, *args), ...] at the same time; returns one CompletedProcess each, in
+    order. check: every one must exit 0. For commands that stop at start-up (their imports overlap), not for
+    training runs, which would compete for the same cores."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    argvs = [[sys.executable, os.path.join(ROOT, script), *map(str, args)] for script, *args in commands]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    done = []
+    for argv, proc in zip(argvs, procs):
+        stdout, stderr = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr))
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(argv[1:])} exited {proc.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return done
 
 
 def free_port():

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import PRESENT, run_cli
+from conftest import PRESENT, run_clis
 
 import common
 
@@ -82,7 +82,7 @@ def test_range_descriptions_and_bounds():
     assert math.isfinite(common.Range(float)("-10"))
 
 
-@pytest.mark.parametrize("flags,words", [
+CLI_CASES = [  # the real command line: one line naming the flag, the value and the valid range
     (["--batch-size", "0"], "argument --batch-size: got 0; give an integer >= 1, e.g. 256"),
     (["--lr", "-1"], "argument --lr: got -1; give a number > 0"),
     (["--context-length", "0"], "argument --context-length: got 0; give an integer >= 2"),
@@ -92,9 +92,13 @@ def test_range_descriptions_and_bounds():
     (["--mask-ratio", "0.97"], "--mask-ratio 0.97 leaves none of the 16 patches visible"),
     (["--imagenet-val", "/nonexistent"], "--imagenet-val /nonexistent is not a folder"),
     (["--resume", "sometimes"], "argument --resume: invalid choice: 'sometimes'"),
-])
-def test_cli_out_of_range_is_one_line_and_writes_nothing(tmp_path, flags, words):
-    out = tmp_path / "run"
-    proc = run_cli("maskclip.py", "--model", "tiny", *flags, "--out-dir", out, check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
-    assert not out.exists()
+]
+
+
+def test_cli_out_of_range_is_one_line_and_writes_nothing(tmp_path):
+    outs = [tmp_path / f"run{i}" for i in range(len(CLI_CASES))]
+    procs = run_clis([("maskclip.py", "--model", "tiny", *flags, "--out-dir", out)
+                      for (flags, _), out in zip(CLI_CASES, outs)], check=False)
+    for (flags, words), proc, out in zip(CLI_CASES, procs, outs):
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, (flags, proc.stderr)
+        assert not out.exists(), flags

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, run_cli, run_distributed
+from conftest import ROOT, run_cli, run_clis, run_distributed
 
 import common
 import maskclip
@@ -431,17 +431,18 @@ def test_cli_exact_resume(tmp_path):
 
 
 def test_cli_bad_resume_and_foreign_checkpoint(tmp_path):
-    proc = run_cli("maskclip.py", *TINY, "--out-dir", tmp_path / "none", "--resume", check=False)
-    assert proc.returncode == 2 and "no checkpoint" in proc.stderr and proc.stderr.strip().count("\n") == 0
-    run_cli("maskclip.py", *TINY, "--steps", "1", "--out-dir", tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(b"")
+    none, made, empty = run_clis([("maskclip.py", *TINY, "--out-dir", tmp_path / "none", "--resume"),
+                                  ("maskclip.py", *TINY, "--steps", "1", "--out-dir", tmp_path / "a"),
+                                  ("maskclip.py", *TINY, "--out-dir", tmp_path / "b", "--resume")], check=False)
+    assert none.returncode == 2 and "no checkpoint" in none.stderr and none.stderr.strip().count("\n") == 0
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert empty.returncode == 2 and "not a readable checkpoint" in empty.stderr
+    assert empty.stderr.strip().count("\n") == 0
     proc = run_cli("maskclip.py", *TINY, "--steps", "2", "--out-dir", tmp_path / "a", "--resume",
                    "--dist-weight", "0", check=False)  # another architecture: no decoder, no teacher
     assert proc.returncode != 0 and "error" in proc.stderr
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "checkpoint.pt").write_bytes(b"")
-    proc = run_cli("maskclip.py", *TINY, "--out-dir", tmp_path / "b", "--resume", check=False)
-    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0
 
 
 def test_cli_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):

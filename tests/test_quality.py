@@ -5,7 +5,8 @@ arithmetic, the checkpoint keeper and one-line errors on their own.
 The end-to-end test runs each script's and eval_zeroshot.py's main() in this process (benchmark.launch
 replaced), since sixteen training runs and thirty-four evaluations as fresh Python processes would take minutes;
 the scripts' own end-of-run evaluations, which the study does not read, are skipped, and eval_zeroshot.py's are
-shrunk (fewer held-out images, one template, two probe strengths). Only the study's code is under test there. test_quality_real_command_line runs the real command line on the CLIP row."""
+shrunk (fewer held-out images, one template, two probe strengths). Only the study's code is under test there.
+test_quality_real_command_line runs the real command line on the CLIP row."""
 import contextlib
 import functools
 import importlib
@@ -15,7 +16,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_clis
 
 import benchmark
 import common
@@ -187,17 +188,21 @@ def test_checkpoint_keeper_keeps_each_replaced_file(tmp_path):
     assert [torch.load(p, weights_only=True)["step"] for p in keeper.kept] == [1, 2]
 
 
-@pytest.mark.parametrize("flags, message", [
+BAD_INPUT = [  # flags, the words of the one error line
     (["--quality", "--methods", "clip,open_clip"], "open_clip is not a row of the quality study"),
     (["--quality", "0"], "argument --quality: got 0; give a number > 0"),
     (["--quality", "--seeds", "0"], "argument --seeds: got 0"),
     (["--quality", "--model", "ViT-Z"], "--model ViT-Z is not a model size"),
-])
-def test_bad_quality_input_is_one_line(flags, message, tmp_path):
-    proc = run_cli("benchmark.py", *flags, "--out-dir", tmp_path / "q", check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert message in lines[0]
+]
+
+
+def test_bad_quality_input_is_one_line(tmp_path):
+    procs = run_clis([("benchmark.py", *flags, "--out-dir", tmp_path / f"q{i}")
+                      for i, (flags, _) in enumerate(BAD_INPUT)], check=False)
+    for (flags, message), proc in zip(BAD_INPUT, procs):
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, proc.stderr)
+        assert message in lines[0], (flags, lines[0])
 
 
 def test_quality_real_command_line(tmp_path):

@@ -91,11 +91,14 @@ def test_help_shows_the_defaults_that_apply(script):
     """`--help` shows the demo's values; `--train-data x --help` the paper's; no flag says "(default: None)"."""
     sys.path.insert(0, ROOT)
     module = __import__(script)
-    for extra, table in (([], {**module.RECIPE, **module.DEMO}), (["--train-data", "x"], module.RECIPE)):
-        proc = subprocess.run([sys.executable, f"{script}.py", *extra, "--help"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
-        assert proc.returncode == 0 and "--train-data" in proc.stdout, proc.stderr
-        text = " ".join(proc.stdout.split())
+    cases = (([], {**module.RECIPE, **module.DEMO}), (["--train-data", "x"], module.RECIPE))
+    procs = [subprocess.Popen([sys.executable, f"{script}.py", *extra, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, COLUMNS="200"))
+             for extra, _ in cases]  # both at once
+    for (extra, table), proc in zip(cases, procs):
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "--train-data" in stdout, stderr
+        text = " ".join(stdout.split())
         assert "(default: None)" not in text
         for key in ("lr", "batch_size", "epochs", "model"):
             assert f"(default: {table[key]})" in text, \
